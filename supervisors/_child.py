@@ -75,12 +75,12 @@ class _SyncMixin:
     def __bastion_watch__(self, timeout_s: float) -> str:
         event = self.__dict__.setdefault("_bastion_exit_event", threading.Event())
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if _should_exit():
+        while True:
+            if _should_exit() or event.is_set():
                 return "exiting"
-            if event.wait(EXIT_POLL_S):
-                return "exiting"
-        return "alive"
+            if time.monotonic() >= deadline:
+                return "alive"
+            event.wait(EXIT_POLL_S)
 
     def __bastion_stop__(self) -> bool:
         hook = getattr(self, "on_stop", None)
@@ -98,11 +98,12 @@ class _AsyncMixin:
 
     async def __bastion_watch__(self, timeout_s: float) -> str:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while True:
             if _should_exit():
                 return "exiting"
+            if time.monotonic() >= deadline:
+                return "alive"
             await asyncio.sleep(EXIT_POLL_S)
-        return "alive"
 
     async def __bastion_stop__(self) -> bool:
         hook = getattr(self, "on_stop", None)

@@ -147,6 +147,8 @@ async def watch(handle: Any, *, poll_s: float = WATCH_POLL_S) -> Death:
     transient_errors = 0
     while True:
         try:
+            if exiting:  # let the exit complete: a pending call would hold it up
+                await asyncio.sleep(0.05)
             ref = handle.__bastion_watch__.remote(poll_s if not exiting else 0.0)
             result = await ref
         except ActorDiedError as exc:
@@ -168,7 +170,6 @@ async def watch(handle: Any, *, poll_s: float = WATCH_POLL_S) -> Death:
             continue
         if result == "exiting":
             exiting = True
-            await asyncio.sleep(0.01)
 
 
 __all__ = [

@@ -289,11 +289,12 @@ class SupervisorActor:
         self._save()
         for child in missing:
             self._post("exit", child_id=child.spec.id, incarnation=child.incarnation,
-                       kind=ABNORMAL, reason="died while its supervisor was down",
+                       exit_kind=ABNORMAL, reason="died while its supervisor was down",
                        node_died=False)
 
-    async def _on_exit(self, child_id: str, incarnation: int, kind: str, reason: str,
+    async def _on_exit(self, child_id: str, incarnation: int, exit_kind: str, reason: str,
                        node_died: bool) -> None:
+        kind = exit_kind
         child = self._children.get(child_id)
         if child is None or child.incarnation != incarnation or child.expected_exit:
             return  # a child we stopped ourselves, or an older incarnation
@@ -358,7 +359,7 @@ class SupervisorActor:
                 reason = f"restart failed: {type(exc).__name__}: {exc}"[:300]
                 member.status = "restarting"
                 self._post("exit", child_id=member.spec.id, incarnation=member.incarnation,
-                           kind=ABNORMAL, reason=reason, node_died=False)
+                           exit_kind=ABNORMAL, reason=reason, node_died=False)
                 for rest in group[group.index(member) + 1:]:
                     rest.pending_restart = False
                 return
@@ -464,8 +465,14 @@ class SupervisorActor:
             self._watch(child.spec.id, handle, incarnation))
 
     async def _watch(self, child_id: str, handle: Any, incarnation: int) -> None:
-        death = await _ray.watch(handle)
-        self._post("exit", child_id=child_id, incarnation=incarnation, kind=death.kind,
+        try:
+            death = await _ray.watch(handle)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - never lose a death: report it as a crash
+            log.exception("%s/%s: watch failed", self.path, child_id)
+            death = _ray.Death(ABNORMAL, f"watch failed: {exc}"[:300])
+        self._post("exit", child_id=child_id, incarnation=incarnation, exit_kind=death.kind,
                    reason=death.reason, node_died=death.node_died)
 
     async def _stop_child(self, child: _Child) -> None:

@@ -82,6 +82,15 @@ def psutil_alive(pid: int | None) -> bool:
     return pid is not None and psutil.pid_exists(pid)
 
 
+def settled(tree, old_b_pid: int) -> dict[str, int | None] | None:
+    """One snapshot in which b has a new process and every child is running."""
+    infos = tree.children()
+    snap = {c.id: c.pid for c in infos}
+    if snap["b"] in (None, old_b_pid) or any(c.status != "running" for c in infos):
+        return None
+    return snap
+
+
 def _exit_child(tree, path: str, kind: str) -> None:
     if kind == "normal":
         tree.actor(path).exit_normally.remote()
@@ -105,9 +114,7 @@ def test_child_exit_when_strategy_restart_type_exit_kind_then_otp_outcome(
     _exit_child(tree, "root/b", kind)
     restarted = restart == "permanent" or (restart == "transient" and kind == "killed")
     if restarted:
-        after = wait_until(lambda: (p := pids(tree))["b"] not in (None, before["b"])
-                           and all(s == "running" for s in statuses(tree).values()) and p,
-                           30, "b restarted")
+        after = wait_until(lambda: settled(tree, before["b"]), 30, "b restarted")
         info = tree.child("root/b")
         assert info.restarts == 1 and info.status == "running"
         assert ray.get(tree.actor("root/b").ping.remote(), timeout=30) == "pong"
@@ -129,9 +136,12 @@ def test_temporary_sibling_when_one_for_all_restart_then_not_restarted(
     trees.append(tree)
     before = pids(tree)
     os.kill(before["a"], signal.SIGKILL)
-    wait_until(lambda: pids(tree)["a"] not in (None, before["a"])
-               and statuses(tree)["c"] == "running" and pids(tree)["c"] != before["c"],
-               30, "a and c restarted")
+    def restarted() -> bool:
+        snap = {c.id: c for c in tree.children()}
+        return (snap["a"].pid != before["a"] and snap["a"].status == "running"
+                and snap["c"].pid != before["c"] and snap["c"].status == "running")
+
+    wait_until(restarted, 30, "a and c restarted")
     assert statuses(tree)["t"] == "stopped"
     assert not psutil_alive(before["t"]) or wait_until(
         lambda: not psutil_alive(before["t"]), 10, "t's process gone")
