@@ -6,6 +6,7 @@ Everything else in ``supervisors`` is plain Python (policy, placement, bookkeepi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,7 +98,9 @@ def create_supervisor(actor_cls: Any, name: str, namespace: str, node_id: str | 
         name=name, namespace=namespace, lifetime="detached",
         # The root has no parent to restart it: Ray does, and it re-adopts its children.
         max_restarts=-1 if root else 0,
-        num_cpus=0, **scheduling(node_id, soft=True),
+        # Pinned to the head: supervisors outlive the loss of any worker node (the head is
+        # Ray's control plane; losing it loses the cluster anyway).
+        num_cpus=0, **scheduling(node_id, soft=False),
     ).remote(*args)
 
 
@@ -109,10 +112,8 @@ def get_named(name: str, namespace: str) -> Any | None:
 
 
 def kill(handle: Any) -> None:
-    try:
+    with contextlib.suppress(Exception):  # already gone is fine
         ray.kill(handle, no_restart=True)
-    except Exception:  # noqa: BLE001 - already gone is fine
-        pass
 
 
 async def wait_name_free(name: str, namespace: str, timeout_s: float) -> bool:

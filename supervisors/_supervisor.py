@@ -14,6 +14,7 @@ and re-adopts its living children by name instead of starting new ones.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -440,7 +441,7 @@ class SupervisorActor:
             handle = _ray.create_worker(spec, child.path, self.namespace, ctx, node_id)
             try:
                 info = await _ray.call(handle.__bastion_info__.remote(), START_TIMEOUT_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 _ray.kill(handle)
                 raise StartError(child.path, f"not running after {START_TIMEOUT_S:g} s "
                                  "(no node with the resources it asks for?)") from None
@@ -486,16 +487,12 @@ class SupervisorActor:
             brutal = grace == BRUTAL_KILL or grace == 0
             if not brutal:
                 method = handle.stop if child.spec.is_supervisor else handle.__bastion_stop__
-                try:
+                with contextlib.suppress(Exception):  # timeout or already dead: kill it
                     await _ray.call(method.remote(), float(grace))
-                except Exception:  # noqa: BLE001 - timeout or already dead: kill it
-                    pass
             _ray.kill(handle)
             if watch_task is not None:
-                try:
+                with contextlib.suppress(Exception):
                     await asyncio.wait_for(asyncio.shield(watch_task), KILL_CONFIRM_S)
-                except Exception:  # noqa: BLE001
-                    pass
         elif child.spec.is_supervisor:
             await self._kill_orphans(child.path)
         if child.spec.placement.anti_affinity:
@@ -542,7 +539,7 @@ class SupervisorActor:
         nodes = [n for n in _ray.list_nodes() if n.alive]
         if child.spec.is_supervisor and placement.site is None:
             head = next((n.node_id for n in nodes if n.is_head), None)
-            return head  # soft affinity to the head, where the control plane lives
+            return head  # supervisors live on the head, beside Ray's control plane
         group_nodes: set[str] = set()
         if placement.anti_affinity:
             prefix = f"place/{self.namespace}/{placement.anti_affinity}/"

@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 Strategy = Literal["one_for_one", "one_for_all", "rest_for_one"]
 RestartType = Literal["permanent", "transient", "temporary"]
@@ -117,7 +117,7 @@ class SupervisorSpec:
         return True
 
 
-AnySpec = Union[ChildSpec, SupervisorSpec]
+AnySpec = ChildSpec | SupervisorSpec
 
 
 def resolve_class(cls: Any, path: str = "?") -> type:

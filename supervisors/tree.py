@@ -17,7 +17,7 @@ import ray
 
 from . import _ray
 from ._supervisor import StartError, SupervisorActor
-from .spec import AnySpec, SupervisorSpec, SpecError, validate
+from .spec import AnySpec, SpecError, SupervisorSpec, validate
 
 DEFAULT_CALL_TIMEOUT_S = 120.0
 STORE_URL_ENV = "BASTION_STORE_URL"

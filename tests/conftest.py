@@ -7,6 +7,7 @@ import os
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # must precede `import ray`
 
+import contextlib
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -113,7 +114,5 @@ def trees(namespace: str) -> Iterator[list]:
     started: list = []
     yield started
     for tree in started:
-        try:
+        with contextlib.suppress(Exception):
             tree.stop()
-        except Exception:  # noqa: BLE001
-            pass

@@ -4,6 +4,7 @@ children with no duplicate and no orphan."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -62,10 +63,8 @@ def test_stateful_child_when_sigkilled_mid_stream_then_every_acked_event_survive
     os.kill(old_pid, signal.SIGKILL)
     acked = []
     for ref in refs:
-        try:
+        with contextlib.suppress(ray.exceptions.RayActorError):
             acked.append(ray.get(ref, timeout=60))
-        except ray.exceptions.RayActorError:
-            pass
     assert len(acked) >= 50 and acked == sorted(acked)
     info = wait_until(lambda: (c := tree.child("root/book")).status == "running"
                       and c.pid != old_pid and c, 30, "book restarted")

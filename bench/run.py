@@ -1,0 +1,86 @@
+"""Run the benchmarks and (with ``--write``) rewrite the table in docs/PERFORMANCE.md.
+
+    python -m bench.run [--quick] [--only journal,restart,node] [--write docs/PERFORMANCE.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+NAMES = ("journal", "restart", "node")
+
+
+def run_named(name: str, quick: bool = False) -> dict[str, Any]:
+    if name == "all":
+        out: dict[str, Any] = {}
+        for each in NAMES:
+            out.update({f"{each}.{k}": v for k, v in run_named(each, quick).items()})
+        return out
+    if name == "journal":
+        from bench import bench_journal
+
+        return bench_journal.run(quick=quick)
+    from bench import bench_supervision
+
+    if name == "restart":
+        return bench_supervision.run_restart(quick=quick)
+    if name == "node":
+        return bench_supervision.run_node_crash(quick=quick)
+    raise SystemExit(f"bench: unknown benchmark {name!r}; choose from {NAMES + ('all',)}")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render(results: dict[str, dict[str, Any]], command: str) -> str:
+    cpu = platform.processor() or platform.machine()
+    lines = [
+        "# Performance",
+        "",
+        f"Latest run: {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC on {os.cpu_count()} cores "
+        f"({cpu}, {platform.system()} {platform.release()}, Python {platform.python_version()}).",
+        "",
+        f"Produced by: `{command}` (each benchmark alone: `bastion bench NAME --json`).",
+        "Ratios compare against a baseline measured in the same process and run, so machine "
+        "noise hits both sides alike.",
+        "",
+    ]
+    for name, figures in results.items():
+        lines += [f"## {name}", "", "| figure | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in figures.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench.run")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default=",".join(NAMES))
+    parser.add_argument("--write", default=None, help="rewrite this markdown file")
+    args = parser.parse_args(argv)
+    results = {}
+    for name in args.only.split(","):
+        print(f"== {name}", flush=True)
+        results[name] = run_named(name, quick=args.quick)
+        print(json.dumps(results[name]), flush=True)
+    if args.write:
+        command = "make bench" if not args.quick else "python -m bench.run --quick"
+        Path(args.write).write_text(render(results, command))
+        print(f"wrote {args.write}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

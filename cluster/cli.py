@@ -1,0 +1,242 @@
+"""``bastion``: drive a local cluster, inspect supervision trees, run the demo and benchmarks.
+
+    bastion up [--nodes head:tokyo,tokyo-1:tokyo,...] [--dashboard] [--auth token]
+    bastion status [--json]
+    bastion down
+    bastion demo
+    bastion bench {journal,restart,node,all} [--quick] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .local import ClusterError, LocalCluster, NodeConfig
+
+DEFAULT_NODES = "head:tokyo,tokyo-1:tokyo,tokyo-2:tokyo,london-1:london"
+STATE_DIR_ENV = "BASTION_CLUSTER_DIR"
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get(STATE_DIR_ENV, Path.cwd() / ".bastion" / "cluster"))
+
+
+def parse_nodes(text: str) -> list[NodeConfig]:
+    """``name:site[:zone]`` comma-separated; the first is the head (it gets no CPUs)."""
+    nodes = []
+    for i, item in enumerate(x.strip() for x in text.split(",") if x.strip()):
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or not all(parts):
+            raise SystemExit(f"bastion: bad node {item!r} in --nodes; expected name:site[:zone]")
+        name, site = parts[0], parts[1]
+        zone = parts[2] if len(parts) == 3 else "a"
+        nodes.append(NodeConfig(name, site=site, zone=zone, num_cpus=0 if i == 0 else 4))
+    if not nodes:
+        raise SystemExit("bastion: --nodes is empty")
+    return nodes
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    wd = state_dir()
+    if (wd / "cluster.json").exists():
+        existing = LocalCluster.load(wd)
+        if any(n.alive() for n in existing.nodes.values()):
+            print(f"bastion: a cluster is already up at {existing.address} (bastion down first)",
+                  file=sys.stderr)
+            return 1
+    cluster = LocalCluster.start(parse_nodes(args.nodes), work_dir=wd,
+                                 include_dashboard=args.dashboard, auth_mode=args.auth)
+    print(f"cluster up: {len(cluster.nodes)} nodes, address {cluster.address}")
+    if cluster.dashboard_url:
+        print(f"dashboard: {cluster.dashboard_url}")
+    print(f"connect:   export RAY_ADDRESS={cluster.address} RAY_AUTH_MODE={cluster.auth_mode}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    try:
+        cluster = LocalCluster.load(state_dir())
+    except ClusterError as exc:
+        print(f"bastion: {exc}", file=sys.stderr)
+        return 1
+    cluster.shutdown()
+    print("cluster down")
+    return 0
+
+
+def collect_status(cluster: LocalCluster | None) -> dict[str, Any]:
+    """Nodes (Ray's view) and every supervision tree (the supervisors' view)."""
+    import ray
+
+    from supervisors import _ray as sray
+
+    out: dict[str, Any] = {"address": cluster.address if cluster else None,
+                           "dashboard": cluster.dashboard_url if cluster else None,
+                           "nodes": [], "trees": []}
+    names = {}
+    for node in sray.list_nodes():
+        names[node.node_id] = node.name
+        out["nodes"].append({"name": node.name, "node_id": node.node_id, "alive": node.alive,
+                             "site": node.labels.get("site"), "zone": node.labels.get("zone"),
+                             "head": node.is_head})
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if "/" in actor["name"]:
+            continue
+        handle = sray.get_named(actor["name"], actor["namespace"])
+        if handle is None:
+            continue
+        try:
+            tree = ray.get(handle.describe.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - not a supervisor (no describe) or unreachable
+            continue
+        tree["namespace"] = actor["namespace"]
+        _name_nodes(tree, names)
+        out["trees"].append(tree)
+    return out
+
+
+def _name_nodes(tree: dict[str, Any], names: dict[str, str]) -> None:
+    tree["node"] = names.get(tree.get("node_id") or "")
+    for child in tree.get("children", []):
+        child["node"] = names.get(child.get("node_id") or "")
+        if isinstance(child.get("tree"), dict) and "children" in child["tree"]:
+            _name_nodes(child["tree"], names)
+
+
+def render_status(status: dict[str, Any]) -> None:
+    import time
+
+    from rich.console import Console
+    from rich.table import Table
+    from rich.tree import Tree as RichTree
+
+    console = Console()
+    table = Table(title=f"nodes ({status['address']})")
+    for col in ("name", "site", "zone", "alive", "node id"):
+        table.add_column(col)
+    for n in status["nodes"]:
+        table.add_row(n["name"] + (" (head)" if n["head"] else ""), n["site"] or "-",
+                      n["zone"] or "-", "yes" if n["alive"] else "[red]DEAD[/red]",
+                      n["node_id"][:12])
+    console.print(table)
+    if status.get("dashboard"):
+        console.print(f"dashboard: {status['dashboard']}")
+    if not status["trees"]:
+        console.print("no supervision trees running")
+    now = time.time()
+
+    def add(branch: RichTree, sup: dict[str, Any]) -> None:
+        for child in sup.get("children", []):
+            color = {"running": "green", "restarting": "yellow", "failed": "red"}.get(
+                child["status"], "white")
+            up = f"{now - child['started_at']:.0f}s" if child.get("started_at") and \
+                child["status"] == "running" else "-"
+            label = (f"{child['id']} [{color}]{child['status']}[/{color}] "
+                     f"node={child.get('node') or '-'} pid={child.get('pid') or '-'} "
+                     f"restarts={child['restarts']} up={up}")
+            if child.get("last_failure"):
+                label += f" last_failure={child['last_failure'][:60]!r}"
+            sub = branch.add(label)
+            if isinstance(child.get("tree"), dict):
+                add(sub, child["tree"])
+
+    for tree in status["trees"]:
+        root = RichTree(f"[bold]{tree['path']}[/bold] ({tree['namespace']}) {tree['status']}"
+                        f" node={tree.get('node')}")
+        add(root, tree)
+        console.print(root)
+
+
+def _connect(cluster: LocalCluster | None) -> None:
+    if cluster is not None:
+        os.environ.setdefault("RAY_AUTH_MODE", cluster.auth_mode)
+    import ray
+
+    address = cluster.address if cluster else os.environ.get("RAY_ADDRESS", "auto")
+    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cluster = None
+    try:
+        cluster = LocalCluster.load(state_dir())
+    except ClusterError:
+        if not os.environ.get("RAY_ADDRESS"):
+            print("bastion: no local cluster is up (bastion up) and RAY_ADDRESS is not set",
+                  file=sys.stderr)
+            return 1
+    _connect(cluster)
+    status = collect_status(cluster)
+    if args.json:
+        print(json.dumps(status, indent=2, default=str))
+    else:
+        render_status(status)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(quick=args.quick)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    repo = Path(__file__).resolve().parents[1]
+    if not (repo / "bench" / "run.py").exists():
+        print("bastion: benchmarks run from a source checkout (bench/ not found)",
+              file=sys.stderr)
+        return 1
+    sys.path.insert(0, str(repo))
+    from bench.run import run_named
+
+    figures = run_named(args.name, quick=args.quick)
+    if args.json:
+        print(json.dumps(figures))
+    else:
+        for key, value in figures.items():
+            print(f"{key:40s} {value}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bastion", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start a local multi-node Ray cluster")
+    up.add_argument("--nodes", default=DEFAULT_NODES,
+                    help="name:site[:zone],... the first is the head (default: %(default)s)")
+    up.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True)
+    up.add_argument("--auth", choices=("disabled", "token"), default="disabled")
+    up.set_defaults(func=cmd_up)
+    sub.add_parser("down", help="tear the local cluster down").set_defaults(func=cmd_down)
+    st = sub.add_parser("status", help="nodes and live supervision trees")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+    demo = sub.add_parser("demo", help="the end-to-end demo on a local cluster")
+    demo.add_argument("--quick", action="store_true")
+    demo.set_defaults(func=cmd_demo)
+    bench = sub.add_parser("bench", help="run a benchmark")
+    bench.add_argument("name", choices=("journal", "restart", "node", "all"))
+    bench.add_argument("--quick", action="store_true")
+    bench.add_argument("--json", action="store_true",
+                       help="print one JSON object of the figures as the last line")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ClusterError as exc:
+        print(f"bastion: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
