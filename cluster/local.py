@@ -15,6 +15,7 @@ process (``bastion down`` / ``bastion status``) can find and tear it down by PID
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -233,6 +234,8 @@ class LocalCluster:
         self.nodes.clear()
         with contextlib.suppress(FileNotFoundError):
             (self.work_dir / "cluster.json").unlink()
+        if not os.environ.get("BASTION_KEEP_RAY_LOGS"):
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalCluster:
         return self
@@ -242,14 +245,19 @@ class LocalCluster:
 
     # ------------------------------------------------------------------ queries
     def pids(self) -> set[int]:
-        return {p.pid for node in self.nodes.values() for p in node.process_tree()}
+        """Every process of this cluster: the nodes' trees and process groups, and strays
+        that name its temp dir."""
+        found = {p.pid for node in self.nodes.values() for p in node.process_tree()}
+        return found | {p.pid for p in self._stray_processes()}
 
     def node_names(self) -> list[str]:
         return list(self.nodes)
 
     @property
     def temp_dir(self) -> Path:
-        return self.work_dir / "ray"
+        """Ray's session dir root: short, because Ray's unix socket paths must fit 107 bytes."""
+        digest = hashlib.sha1(str(self.work_dir.resolve()).encode()).hexdigest()[:10]
+        return Path(tempfile.gettempdir()) / f"bray-{digest}"
 
     @property
     def dashboard_url(self) -> str | None:
