@@ -95,6 +95,17 @@ def namespace(ray_cluster: LocalCluster) -> Iterator[str]:
     assert not leftovers, f"actors left alive in {ns}: {leftovers}"
 
 
+@pytest.fixture(scope="session")
+def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on loopback for the session (skipped, or failed under
+    BASTION_REQUIRE_REDIS=1, where the binary is missing)."""
+    from tests.redis_server import redis_server, redis_server_binary_or_skip
+
+    redis_server_binary_or_skip()
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
+
+
 @pytest.fixture
 def store_url(tmp_path: Path) -> str:
     return f"sqlite://{tmp_path / 'journal'}"

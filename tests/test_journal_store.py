@@ -50,13 +50,6 @@ WAIT_S = 20.0
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def redis_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    redis_server_binary_or_skip()
-    with redis_server(tmp_path_factory.mktemp("redis")) as server:
-        yield server.url
-
-
 @pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":

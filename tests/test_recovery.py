@@ -9,7 +9,6 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Iterator
 
 import psutil
 import pytest
@@ -19,7 +18,6 @@ from cluster.local import LocalCluster, NodeConfig
 from supervisors import ChildSpec, Placement, SupervisorSpec, start_tree
 from supervisors.spec import Backoff
 from tests.conftest import wait_until
-from tests.redis_server import redis_server, redis_server_binary_or_skip
 
 COUNTER = "supervisors.examples:Counter"
 NO_BACKOFF = Backoff(initial_s=0.0)
@@ -35,18 +33,11 @@ def named_in(namespace: str) -> list[str]:
                   if a["namespace"] == namespace)
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    redis_server_binary_or_skip()
-    with redis_server(tmp_path_factory.mktemp("redis")) as server:
-        yield server.url
-
-
 @pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
 def any_store_url(request: pytest.FixtureRequest, store_url: str) -> str:
     if request.param == "sqlite":
         return store_url
-    return f"{request.getfixturevalue('redis_url')}?prefix=t{uuid.uuid4().hex[:8]}"
+    return f"{request.getfixturevalue('redis_server_url')}?prefix=t{uuid.uuid4().hex[:8]}"
 
 
 def test_stateful_child_when_sigkilled_mid_stream_then_every_acked_event_survives(
