@@ -76,8 +76,10 @@ class _Child:
     pending_restart: bool = False
 
     def info(self) -> dict[str, Any]:
+        # "starting" is internal: to users a child not yet up is "restarting".
+        status = "restarting" if self.status == "starting" else self.status
         return {
-            "id": self.spec.id, "status": self.status, "restarts": self.restarts,
+            "id": self.spec.id, "status": status, "restarts": self.restarts,
             "actor_name": self.path, "node_id": self.node_id, "pid": self.pid,
             "incarnation": self.incarnation, "last_failure": self.last_failure,
             "started_at": self.started_at, "is_supervisor": self.spec.is_supervisor,

@@ -196,6 +196,21 @@ def test_intensity_when_mid_level_restarts_leaf_then_subtree_comes_back_fresh(
     assert tree.status() == "running"
 
 
+def test_intensity_when_permanent_children_exit_normally_then_exits_count_together(
+        namespace, store_url) -> None:
+    spec = SupervisorSpec(id="root", intensity=1, period_s=60, children=[worker("a"),
+                                                                        worker("b")])
+    tree = start_tree(spec, namespace=namespace, store_url=store_url)
+    old_a = tree.child("root/a").pid
+    tree.actor("root/a").exit_normally.remote()  # restart 1 of 1: still fine
+    wait_until(lambda: (c := tree.child("root/a")).status == "running" and c.pid != old_a,
+               30, "a restarted")
+    tree.actor("root/b").exit_normally.remote()  # restart 2 (another child): too many
+    wait_until(lambda: tree.status() == "failed", 30, "root to give up")
+    assert named_in(namespace) == ["root"]
+    tree.stop()
+
+
 def test_stop_when_shutdown_exceeded_or_brutal_then_killed_without_on_stop(
         namespace, store_url, trees, tmp_path) -> None:
     log = tmp_path / "stop.log"
