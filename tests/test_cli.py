@@ -17,6 +17,19 @@ from tests.conftest import wait_until
 BASTION = str(Path(sys.executable).with_name("bastion"))
 
 
+DRIVER = """
+import sys, ray
+from supervisors import ChildSpec, Placement, SupervisorSpec, start_tree
+ray.init(address=sys.argv[1], logging_level="ERROR")
+W = "supervisors.examples:Worker"
+start_tree(SupervisorSpec(id="root", children=[
+    ChildSpec(id="ldn", cls=W, placement=Placement(site="london")),
+    SupervisorSpec(id="sub", children=[ChildSpec(id="x", cls=W,
+                                                 placement=Placement(site="tokyo"))]),
+]), namespace="cli", store_url=sys.argv[2])
+"""
+
+
 def run(*args: str, env: dict[str, str], timeout_s: float = 120.0) -> subprocess.CompletedProcess:
     return subprocess.run([BASTION, *args], env=env, capture_output=True, text=True,
                           timeout=timeout_s, check=False)
@@ -42,6 +55,20 @@ def test_cli_when_up_status_down_then_cluster_reported_and_nothing_left(tmp_path
         assert sites == [("head", "tokyo", "a"), ("london-1", "london", "a"),
                          ("tokyo-1", "tokyo", "b")]
         assert report["trees"] == []
+        # A driver starts a tree and exits; the tree (detached actors) outlives it.
+        driver = subprocess.run([sys.executable, "-c", DRIVER, report["address"],
+                                 f"sqlite://{tmp_path / 'journal'}"], env=env,
+                                capture_output=True, text=True, timeout=120, check=False)
+        assert driver.returncode == 0, driver.stderr[-2000:]
+        report = json.loads(run("status", "--json", env=env).stdout)
+        (tree,) = report["trees"]
+        assert tree["path"] == "root" and tree["namespace"] == "cli" and tree["node"] == "head"
+        kids = {c["id"]: c for c in tree["children"]}
+        assert kids["ldn"]["status"] == "running" and kids["ldn"]["node"] == "london-1"
+        assert [c["id"] for c in kids["sub"]["tree"]["children"]] == ["x"]
+        assert kids["sub"]["tree"]["children"][0]["node"] == "tokyo-1"
+        text = run("status", env=env)
+        assert text.returncode == 0 and "ldn" in text.stdout and "london-1" in text.stdout
     finally:
         down = run("down", env=env)
     assert down.returncode == 0, down.stderr
