@@ -74,6 +74,7 @@ class _Child:
     watch_task: asyncio.Task | None = None
     backoff: BackoffState | None = None
     pending_restart: bool = False
+    start_task: asyncio.Task | None = None
 
     def info(self) -> dict[str, Any]:
         # "starting" is internal: to users a child not yet up is "restarting".
@@ -344,12 +345,23 @@ class SupervisorActor:
             asyncio.get_running_loop().call_later(
                 delay_s, lambda: self._post("restart", ids=ids))
             return
-        await self._restart_group(group)
+        await self._launch_restart(group)
 
     async def _do_delayed_restart(self, ids: list[str]) -> None:
         if self._state != "running":
             return
-        await self._restart_group([self._children[cid] for cid in ids if cid in self._children])
+        await self._launch_restart([self._children[cid] for cid in ids if cid in self._children])
+
+    async def _launch_restart(self, group: list[_Child]) -> None:
+        """one_for_one: restart in the background, so that children lost together (a node's
+        worth) come back in parallel while the loop goes on; other strategies restart their
+        group in order, inside the loop."""
+        if self.spec.strategy == "one_for_one" and len(group) == 1:
+            member = group[0]
+            member.start_task = asyncio.get_running_loop().create_task(
+                self._restart_group(group))
+            return
+        await self._restart_group(group)
 
     async def _restart_group(self, group: list[_Child]) -> None:
         for member in group:
@@ -481,6 +493,10 @@ class SupervisorActor:
     async def _stop_child(self, child: _Child) -> None:
         """Graceful stop: ``on_stop()`` within ``shutdown_s`` (or a sub-supervisor's own
         orderly stop), then kill and wait until Ray confirms the death."""
+        if child.start_task is not None and not child.start_task.done():
+            # A restart in flight: let it land first, then stop what it started.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(child.start_task)
         child.expected_exit = True
         child.pending_restart = False
         handle, watch_task = child.handle, child.watch_task
@@ -561,11 +577,14 @@ class SupervisorActor:
         candidates = [Candidate(n.node_id, n.name, n.is_head, n.labels, n.resources)
                       for n in nodes]
         try:
-            return choose_node(child.path, placement, candidates,
-                               excluded=set(self._down_nodes), group_nodes=group_nodes,
-                               load=load, need=need)
+            node_id = choose_node(child.path, placement, candidates,
+                                  excluded=set(self._down_nodes), group_nodes=group_nodes,
+                                  load=load, need=need)
         except PlacementError as exc:
             raise StartError(child.path, str(exc)) from None
+        if placement.anti_affinity:  # claim the node now: restarts may run in parallel
+            self._store.kv_put(self._group_key(child), node_id.encode())
+        return node_id
 
     def _group_key(self, child: _Child) -> str:
         return f"place/{self.namespace}/{child.spec.placement.anti_affinity}/{child.path}"
