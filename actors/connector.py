@@ -1,0 +1,472 @@
+"""VenueConnector: one supervised, event-sourced actor per venue, speaking Deribit API v2.
+
+Lifecycle (``actors.connector_core.TRANSITIONS``): STARTING → (connected) RECONCILING →
+(reconciled) RUNNING ⇄ DEGRADED (cancel-only); any disconnect goes back to STARTING, and every
+(re)start reconciles with the venue *before* a new order is accepted: unresolved intents are
+looked up by label, fills missed while down are fetched by ``trade_seq``. The venue is the
+source of truth for fills.
+
+Orders: ``submit`` journals an intent first (its journal seq becomes the label), then sends.
+A connector killed between the two resends nothing: the restarted one finds the label at the
+venue (sent) or not (abandoned). Labels are unique forever, and the venue treats a resend of a
+label as the same order, so no order is ever sent twice.
+
+Data out: best bid/ask are conflated per instrument and published with fills to subscriber
+actors in batches (numpy columns) every ``publish_interval_s`` — never one call per tick. A
+subscriber that is still busy with the previous batch gets the next conflated one; skips are
+counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from actors.connector_core import (
+    Ledger,
+    OrderRejected,
+    StateMachine,
+    TopOfBook,
+    derive_label,
+    fill_event,
+    validate_order,
+)
+from supervisors import EventSourced, current_context
+
+log = logging.getLogger("bastion.connector")
+
+CALL_TIMEOUT_S = 10.0
+FINAL_STATES = ("filled", "cancelled", "rejected")
+
+
+class VenueError(RuntimeError):
+    """The venue answered a JSON-RPC call with an error object."""
+
+    def __init__(self, method: str, error: dict[str, Any]) -> None:
+        self.method = method
+        self.code = error.get("code")
+        self.error = error
+        super().__init__(f"{method}: {error.get('code')} {error.get('message')} "
+                         f"{error.get('data') or ''}".strip())
+
+
+class VenueConnector(EventSourced):
+    """A venue connector. Constructor arguments come from the child spec's kwargs."""
+
+    snapshot_every = 500
+
+    def __init__(self, venue: str, ws_url: str, client_id: str, client_secret: str,
+                 instruments: list[str], subscribers: list[str] | None = None,
+                 publish_interval_s: float = 0.05, heartbeat_s: float = 10.0,
+                 reconnect_max_s: float = 5.0) -> None:
+        if not instruments:
+            raise ValueError("instruments must not be empty")
+        self.venue = venue
+        self.ws_url = ws_url
+        self._client_id = client_id
+        self._client_secret = client_secret
+        self.instruments = list(instruments)
+        self.subscribers = list(subscribers or [])
+        self.publish_interval_s = publish_interval_s
+        self.heartbeat_s = heartbeat_s
+        self.reconnect_max_s = reconnect_max_s
+        ctx = current_context()
+        self.connector_id = (ctx.path.replace("/", "-") if ctx else f"conn-{venue}")
+        self.ledger = Ledger()
+        self.machine = StateMachine()
+        self.book = TopOfBook()
+        self.counters: Counter[str] = Counter()
+        self._ws: Any = None
+        self._session: Any = None
+        self._next_id = 0
+        self._pending: dict[int, asyncio.Future] = {}
+        self._running: asyncio.Event | None = None  # created on the actor's loop
+        self._tasks: list[asyncio.Task] = []
+        self._undelivered: list[dict[str, Any]] = []
+        self._in_flight: dict[str, Any] = {}
+        self._booted = False
+        self._tracker: Any = None
+        if ctx is not None:  # supervised: start the connection loop once recovery is done
+            import ray
+
+            ray.get_runtime_context().current_actor._boot.remote()
+
+    # ---------------------------------------------------------------- EventSourced
+    def apply(self, event: dict[str, Any]) -> None:
+        self.ledger.apply(event)
+        if event["t"] == "fill" and hasattr(self, "_undelivered"):
+            self._undelivered.append(event)
+
+    def snapshot_state(self) -> Any:
+        return self.ledger.snapshot()
+
+    def restore_state(self, state: Any) -> None:
+        self.ledger = Ledger.restore(state)
+
+    # ---------------------------------------------------------------- public API
+    async def submit(self, order: dict[str, Any], wait_s: float = 10.0) -> dict[str, Any]:
+        """Send an order. Returns ``{"status": "accepted"|"rejected"|"refused"|"unknown",
+        ...}``; a refusal or rejection carries its reason (never an exception)."""
+        try:
+            req = validate_order(order, set(self.instruments))
+        except OrderRejected as exc:
+            self.counters["orders_invalid"] += 1
+            return {"status": "refused", "reason": str(exc)}
+        if not await self._wait_running(wait_s):
+            self.counters["orders_refused_state"] += 1
+            return {"status": "refused", "reason": f"connector is {self.machine.state}"}
+        intent = {"t": "intent", "label": "", **req}
+        seq = self.journal_seq + 1
+        intent["label"] = derive_label(self.connector_id, seq)
+        acked_seq = self.emit(intent)
+        assert acked_seq == seq, (acked_seq, seq)
+        label = intent["label"]
+        params = {"instrument_name": req["instrument"], "amount": req["amount"],
+                  "type": req["type"], "label": label}
+        if req["price"] is not None:
+            params["price"] = req["price"]
+        for key in ("post_only", "reduce_only", "time_in_force"):
+            if key in req:
+                params[key] = req[key]
+        try:
+            result = await self._call(f"private/{req['direction']}", params)
+        except VenueError as exc:
+            self.emit({"t": "closed", "label": label, "state": "rejected", "reason": str(exc)})
+            self.counters["orders_rejected"] += 1
+            return {"status": "rejected", "label": label, "reason": str(exc), "code": exc.code}
+        except (TimeoutError, ConnectionError) as exc:
+            self.counters["orders_unknown"] += 1
+            return {"status": "unknown", "label": label, "reason": repr(exc)}
+        self._record_order(result.get("order", {}), label)
+        self._record_trades(result.get("trades", []))
+        self.counters["orders_accepted"] += 1
+        return {"status": "accepted", "label": label,
+                "order_id": result.get("order", {}).get("order_id"),
+                "state": result.get("order", {}).get("order_state"),
+                "filled": sum(t.get("amount", 0) for t in result.get("trades", []))}
+
+    async def cancel(self, label: str) -> dict[str, Any]:
+        order = self.ledger.orders.get(label)
+        if order is None:
+            return {"status": "refused", "reason": f"unknown label {label!r}"}
+        if not self.machine.accepts_cancels or order.order_id is None:
+            return {"status": "refused", "reason": f"cannot cancel in {self.machine.state}"}
+        try:
+            result = await self._call("private/cancel", {"order_id": order.order_id})
+        except (TimeoutError, VenueError, ConnectionError) as exc:
+            return {"status": "rejected", "reason": str(exc)}
+        self._record_order(result, label)
+        return {"status": "accepted", "state": result.get("order_state")}
+
+    async def cancel_all(self) -> dict[str, Any]:
+        try:
+            n = await self._call("private/cancel_all", {})
+        except (TimeoutError, VenueError, ConnectionError) as exc:
+            return {"status": "rejected", "reason": str(exc)}
+        return {"status": "accepted", "cancelled": n}
+
+    def positions(self) -> dict[str, float]:
+        """Signed position per instrument implied by the fills acknowledged so far."""
+        return {k: v for k, v in self.ledger.position.items() if v != 0}
+
+    def fills(self) -> list[dict[str, Any]]:
+        return list(self.ledger.fills.values())
+
+    def labels(self) -> list[str]:
+        return list(self.ledger.orders)
+
+    def state(self) -> str:
+        return self.machine.state
+
+    def status(self) -> dict[str, Any]:
+        return {"venue": self.venue, "state": self.machine.state,
+                "positions": self.positions(), "fills": len(self.ledger.fills),
+                "open_orders": len(self.ledger.unresolved()),
+                "journal_seq": self.journal_seq, "epoch": self.journal_epoch,
+                "counters": dict(self.counters),
+                "transitions": self.machine.history[-20:]}
+
+    def __repr__(self) -> str:
+        return (f"VenueConnector({self.venue} {self.machine.state} "
+                f"fills={len(self.ledger.fills)} pos={self.positions()})")
+
+    def on_stop(self) -> None:
+        self.machine.transition("stop", "supervisor stop")
+
+    # ---------------------------------------------------------------- the connection loop
+    async def _boot(self) -> None:
+        if self._booted:
+            return
+        self._booted = True
+        self._running = asyncio.Event()
+        self._undelivered = list(self.ledger.fills.values())  # at-least-once on restart
+        self._tasks.append(asyncio.get_running_loop().create_task(self._main()))
+        self._tasks.append(asyncio.get_running_loop().create_task(self._publisher()))
+
+    async def _wait_running(self, wait_s: float) -> bool:
+        if self._running is None:
+            await self._boot()
+        if self.machine.state == "RUNNING":
+            return True
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._running.wait(), wait_s)
+        return self.machine.state == "RUNNING"
+
+    async def _main(self) -> None:
+        import aiohttp
+
+        attempt = 0
+        while self.machine.state != "STOPPED":
+            try:
+                async with aiohttp.ClientSession() as session, session.ws_connect(
+                        self.ws_url, heartbeat=None, max_msg_size=4 * 1024 * 1024) as ws:
+                    self._ws = ws
+                    reader = asyncio.get_running_loop().create_task(self._reader(ws))
+                    try:
+                        await self._on_connected()
+                        attempt = 0
+                        await reader
+                    finally:
+                        reader.cancel()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the loop survives; counted, logged
+                self.counters["connect_errors"] += 1
+                log.warning("%s: connection failed: %r", self.venue, exc)
+            self._ws = None
+            self._running.clear()
+            self._fail_pending(ConnectionError("disconnected"))
+            self.machine.transition("disconnected", "connection closed")
+            attempt += 1
+            delay_s = min(self.reconnect_max_s, 0.05 * 2 ** min(attempt, 10))
+            await asyncio.sleep(delay_s * random.uniform(0.5, 1.0))
+
+    async def _on_connected(self) -> None:
+        await self._call("public/auth", {"grant_type": "client_credentials",
+                                         "client_id": self._client_id,
+                                         "client_secret": self._client_secret})
+        await self._call("public/set_heartbeat", {"interval": self.heartbeat_s})
+        await self._call("private/enable_cancel_on_disconnect", {"scope": "connection"})
+        self.machine.transition("connected", "authenticated")
+        await self._reconcile()
+        from actors.venue.feed import ChangeIdTracker
+
+        self._tracker = ChangeIdTracker()
+        channels = [f"book.{i}.raw" for i in self.instruments] + \
+                   [f"user.trades.{i}.raw" for i in self.instruments] + \
+                   [f"user.orders.{i}.raw" for i in self.instruments]
+        await self._call("private/subscribe", {"channels": channels})
+        await self._reconcile_fills()  # fills that landed between reconcile and subscribe
+        self.machine.transition("reconciled", "reconciled with venue")
+        self._running.set()
+
+    async def _reconcile(self) -> None:
+        for order in self.ledger.unresolved():
+            currency = order.instrument.split("-")[0].split("_")[0]
+            try:
+                found = await self._call("private/get_order_state_by_label",
+                                         {"currency": currency, "label": order.label})
+            except VenueError:
+                found = []
+            if isinstance(found, dict):
+                found = [found]
+            if not found:
+                # Never reached the venue: it will not be sent now (the caller had no ack).
+                self.emit({"t": "closed", "label": order.label, "state": "abandoned",
+                           "reason": "not found at the venue after restart"})
+                self.counters["intents_abandoned"] += 1
+                continue
+            self._record_order(found[0], order.label)
+            self.counters["orders_reconciled"] += 1
+        await self._reconcile_fills()
+
+    async def _reconcile_fills(self) -> None:
+        for inst in self.instruments:
+            while True:
+                start = self.ledger.last_trade_seq.get(inst, 0) + 1
+                result = await self._call("private/get_user_trades_by_instrument",
+                                          {"instrument_name": inst, "start_seq": start,
+                                           "count": 1000, "sorting": "asc"})
+                trades = result.get("trades", []) if isinstance(result, dict) else result
+                new = self._record_trades(trades)
+                self.counters["fills_reconciled"] += new
+                if not (isinstance(result, dict) and result.get("has_more")) or not trades:
+                    break
+
+    def _record_order(self, order: dict[str, Any], label: str) -> None:
+        if not order:
+            return
+        known = self.ledger.orders.get(label)
+        if known is not None and known.order_id is None and order.get("order_id"):
+            self.emit({"t": "ack", "label": label, "order_id": str(order["order_id"]),
+                       "state": order.get("order_state", "open")})
+        state = order.get("order_state")
+        known = self.ledger.orders.get(label)
+        if state in ("cancelled", "rejected") and known is not None and \
+                known.state in ("intent", "open"):
+            self.emit({"t": "closed", "label": label, "state": state,
+                       "reason": order.get("cancel_reason", "")})
+
+    def _record_trades(self, trades: list[dict[str, Any]]) -> int:
+        events = []
+        for trade in trades:
+            event = fill_event(trade)
+            if event is None:
+                self.counters["bad_trades"] += 1
+                continue
+            if event["trade_id"] in self.ledger.fills:
+                self.counters["duplicate_trades"] += 1
+                continue
+            events.append(event)
+        if events:
+            self.emit_many(events)
+        return len(events)
+
+    # ---------------------------------------------------------------- JSON-RPC
+    async def _call(self, method: str, params: dict[str, Any],
+                    timeout_s: float = CALL_TIMEOUT_S) -> Any:
+        ws = self._ws
+        if ws is None or ws.closed:
+            raise ConnectionError("not connected")
+        self._next_id += 1
+        rid = self._next_id
+        future = asyncio.get_running_loop().create_future()
+        self._pending[rid] = future
+        try:
+            await ws.send_str(json.dumps({"jsonrpc": "2.0", "id": rid, "method": method,
+                                          "params": params}))
+            reply = await asyncio.wait_for(future, timeout_s)
+        finally:
+            self._pending.pop(rid, None)
+        if "error" in reply:
+            raise VenueError(method, reply["error"])
+        return reply.get("result")
+
+    def _fail_pending(self, exc: BaseException) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(exc)
+        self._pending.clear()
+
+    async def _reader(self, ws: Any) -> None:
+        import aiohttp
+
+        async for msg in ws:
+            if msg.type != aiohttp.WSMsgType.TEXT:
+                if msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSE):
+                    break
+                continue
+            try:
+                data = json.loads(msg.data)
+            except ValueError:
+                self.counters["bad_frames"] += 1
+                continue
+            try:
+                await self._dispatch(data)
+            except Exception as exc:  # noqa: BLE001 - a bad message never kills the reader
+                self.counters["dispatch_errors"] += 1
+                log.warning("%s: could not handle %r: %r", self.venue, str(data)[:200], exc)
+
+    async def _dispatch(self, data: dict[str, Any]) -> None:
+        rid = data.get("id")
+        if rid is not None and rid in self._pending:
+            self._pending[rid].set_result(data)
+            return
+        method = data.get("method")
+        if method == "heartbeat":
+            if (data.get("params") or {}).get("type") == "test_request":
+                ws = self._ws
+                if ws is not None:
+                    self._next_id += 1
+                    await ws.send_str(json.dumps({"jsonrpc": "2.0", "id": self._next_id,
+                                                  "method": "public/test", "params": {}}))
+            return
+        if method != "subscription":
+            return
+        params = data.get("params") or {}
+        channel = str(params.get("channel", ""))
+        payload = params.get("data")
+        if channel.startswith("book."):
+            await self._on_book(channel, payload)
+        elif channel.startswith("user.trades."):
+            self._record_trades(payload if isinstance(payload, list) else [payload])
+        elif channel.startswith("user.orders."):
+            for order in payload if isinstance(payload, list) else [payload]:
+                label = order.get("label") or ""
+                if label in self.ledger.orders:
+                    self._record_order(order, label)
+
+    async def _on_book(self, channel: str, payload: dict[str, Any]) -> None:
+        from actors.venue.feed import BookUpdate
+
+        try:
+            update = BookUpdate(instrument_name=payload["instrument_name"],
+                                type=payload.get("type", "change"),
+                                change_id=int(payload["change_id"]),
+                                prev_change_id=payload.get("prev_change_id"),
+                                timestamp_s=int(payload.get("timestamp", 0)) / 1000.0,
+                                bids=(), asks=())
+        except (KeyError, TypeError, ValueError):
+            self.counters["bad_book_updates"] += 1
+            return
+        verdict = self._tracker.accept(update) if self._tracker else "ok"
+        self.counters[f"book_{verdict}"] += 1
+        if verdict in ("duplicate", "out_of_order"):
+            return
+        if verdict == "gap":  # resynchronise from a fresh snapshot
+            self.counters["resyncs"] += 1
+            with contextlib.suppress(Exception):
+                await self._call("private/unsubscribe", {"channels": [channel]})
+                await self._call("private/subscribe", {"channels": [channel]})
+            return
+        self.book.apply(payload)
+
+    # ---------------------------------------------------------------- publishing
+    async def _publisher(self) -> None:
+        import ray
+
+        namespace = current_context().namespace if current_context() else None
+        while self.machine.state != "STOPPED":
+            await asyncio.sleep(self.publish_interval_s)
+            if not self.subscribers:
+                self._undelivered.clear()
+                self.book.dirty.clear()
+                continue
+            names = sorted(self.book.dirty)
+            self.book.dirty.clear()
+            batch = None
+            if names:
+                best = [self.book.best(n) for n in names]
+                bid = np.array([b for b, _ in best], dtype=np.float64)
+                ask = np.array([a for _, a in best], dtype=np.float64)
+                batch = {"venue": self.venue, "instrument": np.array(names),
+                         "bid": bid, "ask": ask, "mark_price": (bid + ask) / 2,
+                         "ts": time.time()}
+            fills, self._undelivered = self._undelivered, []
+            for name in self.subscribers:
+                prev = self._in_flight.get(name)
+                if prev is not None:
+                    ready, _ = ray.wait([prev], timeout=0)
+                    if not ready:
+                        self.counters["publish_conflated"] += 1
+                        if fills:
+                            self._undelivered = fills + self._undelivered
+                        continue
+                try:
+                    handle = ray.get_actor(name, namespace=namespace)
+                    if fills:
+                        handle.on_fills.remote(fills)
+                    if batch is not None:
+                        self._in_flight[name] = handle.on_marks.remote(batch)
+                except Exception:  # noqa: BLE001 - subscriber restarting: retry next tick
+                    self.counters["publish_failed"] += 1
+                    if fills:
+                        self._undelivered = fills + self._undelivered
