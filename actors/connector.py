@@ -449,8 +449,8 @@ class VenueConnector(EventSourced):
                 ask = np.array([a for _, a in best], dtype=np.float64)
                 batch = {"venue": self.venue, "instrument": np.array(names),
                          "bid": bid, "ask": ask, "mark_price": (bid + ask) / 2,
-                         "ts": time.time()}
-            fills, self._undelivered = self._undelivered, []
+                         "index_price": (bid + ask) / 2, "ts": time.time()}
+            fills, self._undelivered = [_deribit_trade(f) for f in self._undelivered], []
             for name in self.subscribers:
                 prev = self._in_flight.get(name)
                 if prev is not None:
@@ -458,7 +458,8 @@ class VenueConnector(EventSourced):
                     if not ready:
                         self.counters["publish_conflated"] += 1
                         if fills:
-                            self._undelivered = fills + self._undelivered
+                            self._undelivered = [_fill_of(f) for f in fills] + \
+                                self._undelivered
                         continue
                 try:
                     handle = ray.get_actor(name, namespace=namespace)
@@ -469,4 +470,18 @@ class VenueConnector(EventSourced):
                 except Exception:  # noqa: BLE001 - subscriber restarting: retry next tick
                     self.counters["publish_failed"] += 1
                     if fills:
-                        self._undelivered = fills + self._undelivered
+                        self._undelivered = [_fill_of(f) for f in fills] + self._undelivered
+
+
+def _deribit_trade(fill: dict[str, Any]) -> dict[str, Any]:
+    """A journaled fill in Deribit's user-trade shape (what subscribers such as RiskBook take)."""
+    return {"trade_id": fill["trade_id"], "trade_seq": fill["trade_seq"],
+            "instrument_name": fill["instrument"], "direction": fill["direction"],
+            "amount": fill["amount"], "price": fill["price"], "fee": fill["fee"],
+            "order_id": fill["order_id"], "label": fill["label"], "timestamp": fill["ts_ms"]}
+
+
+def _fill_of(trade: dict[str, Any]) -> dict[str, Any]:
+    event = fill_event(trade)
+    assert event is not None
+    return event
