@@ -51,7 +51,7 @@ class VenueSpec(_Frozen):
 class BookSpec(_Frozen):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9\-]*$")
     instruments: tuple[str, ...]
-    limits: dict[str, float] = Field(default_factory=dict)
+    limits: dict[str, float] = Field(default_factory=dict)  # actors.limits.Limits fields
 
 
 class SiteSpec(_Frozen):
@@ -137,6 +137,8 @@ def site_tree(site: SiteSpec, venue_urls: dict[str, str], *, subscribers_ns: str
     if site.monitors:
         children.append(SupervisorSpec(id="monitors", strategy="one_for_one", children=[
             ChildSpec(id="counterparty", cls="actors.counterparty:CounterpartyMonitor",
+                      kwargs={"monitor_id": f"{site.name}-counterparty",
+                              "venues": {v.name: 5_000_000.0 for v in site.venues}},
                       placement=place, backoff=fast)]))
     return SupervisorSpec(id=root, strategy="one_for_one", intensity=10, period_s=30,
                           children=children)

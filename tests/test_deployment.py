@@ -12,7 +12,7 @@ def test_default_deployment_when_loaded_then_valid_and_builds_a_tree() -> None:
     dep = load()
     assert dep.environment == "non-production" and dep.sites[0].name == "tokyo"
     tree = site_tree(dep.sites[0], {"deribit": "ws://127.0.0.1:1/ws/api/v2"})
-    validate(tree, check_classes=False)
+    validate(tree)  # classes import and the kwargs fit their constructors
     assert [c.id for c in tree.children] == ["risk", "venues", "monitors"]
 
 
