@@ -4,6 +4,7 @@
     bastion status [--json]
     bastion down
     bastion demo
+    bastion venue serve --name NAME --port PORT [--data FILE] [--seed S] [--keys FILE]
     bastion bench {journal,restart,node,all} [--quick] [--json]
 """
 
@@ -203,6 +204,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _venue_main(argv: list[str]) -> int:
+    from actors.venue.process import main as venue_main
+
+    return int(venue_main(argv) or 0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bastion", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -220,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="the end-to-end demo on a local cluster")
     demo.add_argument("--quick", action="store_true")
     demo.set_defaults(func=cmd_demo)
+    venue = sub.add_parser("venue", help="venue simulator (Deribit API v2)")
+    venue_sub = venue.add_subparsers(dest="venue_command", required=True)
+    serve = venue_sub.add_parser("serve", help="run one simulator and print its URLs",
+                                 add_help=False)
+    serve.add_argument("rest", nargs=argparse.REMAINDER)
+    serve.set_defaults(func=lambda a: _venue_main(["serve", *a.rest]))
     bench = sub.add_parser("bench", help="run a benchmark")
     bench.add_argument("name", choices=("journal", "restart", "node", "all"))
     bench.add_argument("--quick", action="store_true")
@@ -230,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["venue", "serve"]:  # the simulator parses its own options
+        return _venue_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
