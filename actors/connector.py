@@ -94,10 +94,6 @@ class VenueConnector(EventSourced):
         self._in_flight: dict[str, Any] = {}
         self._booted = False
         self._tracker: Any = None
-        if ctx is not None:  # supervised: start the connection loop once recovery is done
-            import ray
-
-            ray.get_runtime_context().current_actor._boot.remote()
 
     # ---------------------------------------------------------------- EventSourced
     def apply(self, event: dict[str, Any]) -> None:
@@ -202,6 +198,10 @@ class VenueConnector(EventSourced):
         self.machine.transition("stop", "supervisor stop")
 
     # ---------------------------------------------------------------- the connection loop
+    async def on_started(self) -> None:
+        """Called by the supervisor once this incarnation is up (state already rebuilt)."""
+        await self._boot()
+
     async def _boot(self) -> None:
         if self._booted:
             return

@@ -10,11 +10,14 @@ all in their own concurrency group so they run beside the user's calls:
   actor has called ``exit_actor()``: a pending call that never returns would block that exit
   (RAY_ZMQ_NOTES.md).
 * ``__bastion_stop__`` — calls the user's ``on_stop()`` for a graceful shutdown.
+* ``__bastion_started__`` — calls the user's ``on_started()`` once the child is up (OTP's
+  ``handle_continue``): background work starts on the actor's own event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import inspect
 import os
 import threading
@@ -46,7 +49,7 @@ class SupervisedContext:
 
 def current_context() -> SupervisedContext | None:
     """The context of the supervised actor running in this process (None elsewhere)."""
-    return _CONTEXT
+    return importlib.import_module("supervisors._child")._CONTEXT
 
 
 def _should_exit() -> bool:
@@ -59,7 +62,7 @@ def _should_exit() -> bool:
 def _info(self: Any) -> dict[str, Any]:
     import ray
 
-    ctx = _CONTEXT
+    ctx = current_context()
     return {
         "pid": os.getpid(),
         "node_id": ray.get_runtime_context().get_node_id(),
@@ -90,6 +93,22 @@ class _SyncMixin:
         if inspect.isawaitable(result):  # an async on_stop on a sync actor: run it here
             asyncio.run(result)  # pragma: no cover - unusual
         return True
+
+
+def _started_sync(self: Any) -> None:
+    hook = getattr(self, "on_started", None)
+    if hook is not None:
+        result = hook()
+        if inspect.isawaitable(result):
+            asyncio.run(result)  # pragma: no cover - unusual
+
+
+async def _started_async(self: Any) -> None:
+    hook = getattr(self, "on_started", None)
+    if hook is not None:
+        result = hook()
+        if inspect.isawaitable(result):
+            await result
 
 
 class _AsyncMixin:
@@ -131,8 +150,9 @@ def supervised_class(user_cls: type) -> type:
     mixin = _AsyncMixin if is_async_class(user_cls) else _SyncMixin
 
     def __init__(self: Any, __bastion_ctx: SupervisedContext, *args: Any, **kwargs: Any) -> None:
-        global _CONTEXT
-        _CONTEXT = __bastion_ctx
+        # This function travels to the worker by value (cloudpickle), with a copy of this
+        # module's globals: set the context on the real module, imported there.
+        importlib.import_module("supervisors._child")._CONTEXT = __bastion_ctx
         self._bastion_started_at = time.time()
         user_cls.__init__(self, *args, **kwargs)
         if isinstance(self, EventSourced):
@@ -143,9 +163,13 @@ def supervised_class(user_cls: type) -> type:
                                  "__qualname__": user_cls.__qualname__}
     for name in ("__bastion_info__", "__bastion_watch__", "__bastion_stop__"):
         namespace[name] = ray.method(concurrency_group=WATCH_GROUP)(mixin.__dict__[name])
+    # In the default group, like the user's methods: OTP's handle_continue, called by the
+    # supervisor once the child is up, so an actor can start background work on its own loop.
+    namespace["__bastion_started__"] = (_started_async if mixin is _AsyncMixin
+                                        else _started_sync)
     if user_cls.__repr__ is object.__repr__:
         def __repr__(self: Any) -> str:
-            ctx = _CONTEXT
+            ctx = current_context()
             where = f"{ctx.path}#{ctx.incarnation}" if ctx else "?"
             return f"{user_cls.__name__}({where})"
         namespace["__repr__"] = __repr__

@@ -462,6 +462,7 @@ class SupervisorActor:
             except Exception as exc:
                 _ray.kill(handle)
                 raise StartError(child.path, _init_error(exc)) from None
+            handle.__bastion_started__.remote()  # fire and forget: on_started() if defined
         if restart:
             child.restarts += 1
         self._adopted(child, handle, info)

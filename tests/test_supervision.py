@@ -68,6 +68,8 @@ def test_start_tree_when_valid_then_children_run_in_spec_order_and_resolve_by_na
         assert ray.get_actor(c.actor_name, namespace=namespace) is not None
     assert [c.id for c in tree.children("root/sub")] == ["x", "y"]
     assert ray.get(tree.actor("root/sub/x").ping.remote(), timeout=30) == "pong"
+    # The actor knows who it is in the tree (current_context() inside the worker).
+    assert ray.get(tree.actor("root/sub/x").incarnation.remote(), timeout=30) == 1
     assert named_in(namespace) == sorted(["root", "root/a", "root/sub", "root/sub/x",
                                           "root/sub/y", "root/b"])
     tree.stop()
