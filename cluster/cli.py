@@ -1,6 +1,7 @@
 """``bastion``: drive a local cluster, inspect supervision trees, run the demo and benchmarks.
 
     bastion up [--nodes head:tokyo,tokyo-1:tokyo,...] [--dashboard] [--auth token]
+    bastion up --deployment [FILE]     # cluster + venue simulators + supervision trees
     bastion status [--json]
     bastion down
     bastion demo
@@ -50,9 +51,22 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"bastion: a cluster is already up at {existing.address} (bastion down first)",
                   file=sys.stderr)
             return 1
-    cluster = LocalCluster.start(parse_nodes(args.nodes), work_dir=wd,
-                                 include_dashboard=args.dashboard, auth_mode=args.auth)
-    print(f"cluster up: {len(cluster.nodes)} nodes, address {cluster.address}")
+    if args.deployment:
+        from . import deployment
+        from .launcher import launch
+
+        dep = deployment.load(None if args.deployment == "default" else args.deployment)
+        cluster, venues, trees = launch(dep, wd, detached=True,
+                                        include_dashboard=args.dashboard)
+        print(f"cluster up: {len(cluster.nodes)} nodes, address {cluster.address}")
+        for key, venue in venues.items():
+            print(f"venue {key}: {venue.ws_url} (HTTP {venue.http_url}, log {venue.log_path})")
+        for tree in trees:
+            print(f"tree {tree.root_id} running in namespace {tree.namespace!r}")
+    else:
+        cluster = LocalCluster.start(parse_nodes(args.nodes), work_dir=wd,
+                                     include_dashboard=args.dashboard, auth_mode=args.auth)
+        print(f"cluster up: {len(cluster.nodes)} nodes, address {cluster.address}")
     if cluster.dashboard_url:
         print(f"dashboard: {cluster.dashboard_url}")
     print(f"connect:   export RAY_ADDRESS={cluster.address} RAY_AUTH_MODE={cluster.auth_mode}")
@@ -65,8 +79,11 @@ def cmd_down(args: argparse.Namespace) -> int:
     except ClusterError as exc:
         print(f"bastion: {exc}", file=sys.stderr)
         return 1
+    from .launcher import stop_venues
+
+    stopped = stop_venues(state_dir())
     cluster.shutdown()
-    print("cluster down")
+    print(f"cluster down ({stopped} venue simulator(s) stopped)")
     return 0
 
 
@@ -219,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="name:site[:zone],... the first is the head (default: %(default)s)")
     up.add_argument("--dashboard", action=argparse.BooleanOptionalAction, default=True)
     up.add_argument("--auth", choices=("disabled", "token"), default="disabled")
+    up.add_argument("--deployment", nargs="?", const="default", default=None,
+                    help="also start a deployment: venues and supervision trees "
+                         "(default file: cluster/deploy/bastion.yaml)")
     up.set_defaults(func=cmd_up)
     sub.add_parser("down", help="tear the local cluster down").set_defaults(func=cmd_down)
     st = sub.add_parser("status", help="nodes and live supervision trees")
