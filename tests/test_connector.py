@@ -143,3 +143,34 @@ def test_connector_when_sigkilled_20_times_in_a_stream_of_fills_then_positions_e
     assert engine["duplicate_labels"] == 0  # no order was ever sent twice
     assert engine["orders_created"] <= len(labels)  # every venue order is one of our labels
     assert tree.child("root/deribit").restarts == 20
+
+
+def test_connector_when_subscriber_slow_and_feed_surges_then_conflates_and_counts(
+        namespace, store_url, trees) -> None:
+    """Market data at 600x (a crisis hour in six seconds) into a subscriber that takes 0.3 s
+    per batch: nothing queues up — batches are conflated to the latest book, counted, and the
+    subscriber keeps receiving fresh marks."""
+    (cid, secret), = KEYS.items()
+    with VenueProcess.start("surge", seed=3, keys=KEYS, speedup=600.0) as fast:
+        spec = SupervisorSpec(id="root", children=[
+            ChildSpec(id="slow", cls="actors.recorder:MarkRecorder", kwargs={"delay_s": 0.3}),
+            ChildSpec(id="deribit", cls="actors.connector:VenueConnector",
+                      kwargs={"venue": "surge", "ws_url": fast.ws_url, "client_id": cid,
+                              "client_secret": secret,
+                              "instruments": [INSTRUMENT, "ETH-PERPETUAL"],
+                              "subscribers": ["root/slow"], "publish_interval_s": 0.02}),
+        ])
+        tree = start_tree(spec, namespace=namespace, store_url=store_url)
+        trees.append(tree)
+        wait_until(lambda: running(tree), 60, "connector RUNNING")
+        conn = tree.actor("root/deribit")
+        status = wait_until(lambda: (s := ray.get(conn.status.remote(), timeout=10))
+                            ["counters"].get("publish_conflated", 0) >= 150 and s, 60,
+                            "conflation under a slow subscriber")
+        updates = sum(v for k, v in status["counters"].items() if k.startswith("book_"))
+        stats = ray.get(tree.actor("root/slow").stats.remote(), timeout=30)
+        # Far fewer batches reached the slow consumer than book updates arrived: conflated.
+        assert stats["batches"] < updates / 2 and stats["batches"] >= 3
+        assert stats["max_batch_rows"] <= 2  # one row per instrument: the latest book only
+        assert set(stats["latest"]) <= {INSTRUMENT, "ETH-PERPETUAL"}
+        assert stats["max_gap_s"] < 5.0  # it still gets fresh marks, never starves
