@@ -18,6 +18,7 @@ class MarkRecorder:
         self.latest: dict[str, float] = {}
         self.max_batch_rows = 0
         self.received_at: list[float] = []
+        self.lags_s: list[float] = []  # connector publish time -> processed here
 
     def on_marks(self, batch: dict[str, Any]) -> int:
         if self.delay_s:
@@ -29,8 +30,12 @@ class MarkRecorder:
         self.batches += 1
         self.rows += len(names)
         self.max_batch_rows = max(self.max_batch_rows, len(names))
-        self.received_at.append(time.time())
+        now = time.time()
+        self.received_at.append(now)
         del self.received_at[:-1000]
+        if "ts" in batch:
+            self.lags_s.append(now - float(batch["ts"]))
+            del self.lags_s[:-10_000]
         return self.batches
 
     def on_fills(self, fills: list[dict[str, Any]]) -> int:
@@ -41,4 +46,4 @@ class MarkRecorder:
         gaps = np.diff(self.received_at) if len(self.received_at) > 1 else np.array([0.0])
         return {"batches": self.batches, "rows": self.rows, "fills": self.fills,
                 "latest": dict(self.latest), "max_batch_rows": self.max_batch_rows,
-                "max_gap_s": float(gaps.max())}
+                "max_gap_s": float(gaps.max()), "lags_s": list(self.lags_s)}

@@ -16,7 +16,7 @@ from typing import Any
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-NAMES = ("journal", "restart", "node")
+NAMES = ("journal", "restart", "node", "risk", "marketdata")
 
 
 def run_named(name: str, quick: bool = False) -> dict[str, Any]:
@@ -29,6 +29,14 @@ def run_named(name: str, quick: bool = False) -> dict[str, Any]:
         from bench import bench_journal
 
         return bench_journal.run(quick=quick)
+    if name == "risk":
+        from bench import bench_risk
+
+        return bench_risk.run(quick=quick)
+    if name == "marketdata":
+        from bench import bench_marketdata
+
+        return bench_marketdata.run(quick=quick)
     from bench import bench_supervision
 
     if name == "restart":

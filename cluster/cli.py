@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("rest", nargs=argparse.REMAINDER)
     serve.set_defaults(func=lambda a: _venue_main(["serve", *a.rest]))
     bench = sub.add_parser("bench", help="run a benchmark")
-    bench.add_argument("name", choices=("journal", "restart", "node", "all"))
+    bench.add_argument("name", choices=("journal", "restart", "node", "risk", "marketdata",
+                                        "all"))
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("--json", action="store_true",
                        help="print one JSON object of the figures as the last line")
