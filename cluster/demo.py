@@ -130,8 +130,9 @@ def main(quick: bool = False, duration_s: float | None = None) -> int:
               60, "connector RUNNING")
         flow = ClientFlow(tree, conn_path)
         flow.thread.start()
-        console.print("trading: market orders streaming through the connector; fills flow "
-                      "to the risk book in batches")
+        console.print("trading: the market maker quotes through the router, and a client's "
+                      "market orders stream through the connector; fills flow to the risk "
+                      "book in batches")
         phase = duration_s / 4
 
         def fault(title: str, path: str) -> None:
@@ -209,6 +210,12 @@ def _report(tree: Any, conn_path: str, book_path: str, venue: Any, venue_spec: A
         rows = ray.get(tree.actor(book_path).positions.remote(), timeout=10)
         book = next((r["size"] for r in rows if r["instrument"] == INSTRUMENT), 0.0)
     summary = ray.get(tree.actor(book_path).summary.remote(), timeout=30)
+    maker = None
+    root = book_path.split("/")[0]
+    try:
+        maker = ray.get(tree.actor(f"{root}/trading/maker", 5).status.remote(), timeout=10)
+    except Exception:  # noqa: BLE001 - a deployment without a strategy
+        maker = None
     table = Table(title="faults and recovery")
     table.add_column("fault")
     table.add_column("back in")
@@ -226,6 +233,10 @@ def _report(tree: Any, conn_path: str, book_path: str, venue: Any, venue_spec: A
                   f"{engine['orders_created']}, duplicate labels seen by the venue "
                   f"{engine['duplicate_labels']}; risk book state {summary['trading_state']}, "
                   f"PnL {summary['pnl']['total_usd']:.2f} USD")
+    if maker is not None:
+        console.print("market maker: " + ", ".join(
+            f"{k}={maker[k]}" for k in ("state", "inventory", "orders", "fills")
+            if k in maker))
     ok = ours == theirs == book and engine["duplicate_labels"] == 0
     console.print("verdict: " + ("[green]positions equal the venue's fills exactly; no order "
                                  "sent twice[/green]" if ok else "[red]MISMATCH[/red]"))

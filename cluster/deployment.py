@@ -59,6 +59,8 @@ class SiteSpec(_Frozen):
     venues: tuple[VenueSpec, ...] = ()
     books: tuple[BookSpec, ...] = ()
     monitors: bool = True
+    #: MarketMaker kwargs (``actors.strategy``); null: no strategy, no router.
+    strategy: dict[str, Any] | None = None
 
 
 class Deployment(_Frozen):
@@ -109,6 +111,9 @@ def site_tree(site: SiteSpec, venue_urls: dict[str, str], *, subscribers_ns: str
 
     root = f"site-{site.name}"
     book_paths = [f"{root}/risk/{b.name}" for b in site.books]
+    trading = site.strategy is not None and bool(site.books)
+    router_path, maker_path = f"{root}/trading/router", f"{root}/trading/maker"
+    subscribers = book_paths + ([router_path, maker_path] if trading else [])
     place = Placement(site=site.name)
     fast = Backoff(initial_s=0.05, max_s=2.0)
     venues = [
@@ -118,7 +123,7 @@ def site_tree(site: SiteSpec, venue_urls: dict[str, str], *, subscribers_ns: str
                            kwargs={"venue": v.name, "ws_url": venue_urls[v.name],
                                    "client_id": v.client_id, "client_secret": v.client_secret,
                                    "instruments": list(v.instruments),
-                                   "subscribers": book_paths},
+                                   "subscribers": subscribers},
                            placement=place, backoff=fast, shutdown_s=5.0)])
         for v in site.venues
     ]
@@ -130,15 +135,29 @@ def site_tree(site: SiteSpec, venue_urls: dict[str, str], *, subscribers_ns: str
              for b in site.books]
     children: list[Any] = [
         SupervisorSpec(id="risk", strategy="one_for_one", intensity=20, period_s=30,
-                       children=books),
-        SupervisorSpec(id="venues", strategy="one_for_one", intensity=20, period_s=30,
-                       children=venues),
-    ]
+                       children=books)]
     if site.monitors:
         children.append(SupervisorSpec(id="monitors", strategy="one_for_one", children=[
             ChildSpec(id="counterparty", cls="actors.counterparty:CounterpartyMonitor",
                       kwargs={"monitor_id": f"{site.name}-counterparty",
                               "venues": {v.name: 5_000_000.0 for v in site.venues}},
+                      placement=place, backoff=fast)]))
+    children.append(SupervisorSpec(id="venues", strategy="one_for_one", intensity=20,
+                                   period_s=30, children=venues))
+    if trading:
+        assert site.strategy is not None
+        children.append(SupervisorSpec(id="trading", strategy="rest_for_one", intensity=20,
+                                       period_s=30, children=[
+            ChildSpec(id="router", cls="actors.router:OrderRouter",
+                      kwargs={"venues": {v.name: f"{root}/venues/{v.name}/connector"
+                                         for v in site.venues},
+                              "risk_book": book_paths[0],
+                              "counterparty": (f"{root}/monitors/counterparty"
+                                               if site.monitors else None)},
+                      placement=place, backoff=fast),
+            ChildSpec(id="maker", cls="actors.strategy:MarketMaker",
+                      kwargs={"router": router_path, "risk_book": book_paths[0],
+                              **site.strategy},
                       placement=place, backoff=fast)]))
     return SupervisorSpec(id=root, strategy="one_for_one", intensity=10, period_s=30,
                           children=children)

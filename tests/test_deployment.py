@@ -13,7 +13,7 @@ def test_default_deployment_when_loaded_then_valid_and_builds_a_tree() -> None:
     assert dep.environment == "non-production" and dep.sites[0].name == "tokyo"
     tree = site_tree(dep.sites[0], {"deribit": "ws://127.0.0.1:1/ws/api/v2"})
     validate(tree)  # classes import and the kwargs fit their constructors
-    assert [c.id for c in tree.children] == ["risk", "venues", "monitors"]
+    assert [c.id for c in tree.children] == ["risk", "monitors", "venues", "trading"]
 
 
 @pytest.mark.parametrize(("raw", "needle"), [
