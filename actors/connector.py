@@ -44,6 +44,11 @@ from supervisors import EventSourced, current_context
 log = logging.getLogger("bastion.connector")
 
 CALL_TIMEOUT_S = 10.0
+#: Venue error codes that say the venue is unwell (not that our order was bad).
+UNHEALTHY_CODES = {13028, 11030, 10028}
+#: This many unhealthy answers in a row make the connector DEGRADED (cancel-only).
+DEGRADE_AFTER = 3
+HEALTH_PROBE_S = 0.5
 FINAL_STATES = ("filled", "cancelled", "rejected")
 
 
@@ -93,6 +98,8 @@ class VenueConnector(EventSourced):
         self._undelivered: list[dict[str, Any]] = []
         self._in_flight: dict[str, Any] = {}
         self._booted = False
+        self._unhealthy_streak = 0
+        self._resyncing: set[str] = set()
         self._tracker: Any = None
 
     # ---------------------------------------------------------------- EventSourced
@@ -137,10 +144,12 @@ class VenueConnector(EventSourced):
         except VenueError as exc:
             self.emit({"t": "closed", "label": label, "state": "rejected", "reason": str(exc)})
             self.counters["orders_rejected"] += 1
+            self._venue_answer(exc.code)
             return {"status": "rejected", "label": label, "reason": str(exc), "code": exc.code}
         except (TimeoutError, ConnectionError) as exc:
             self.counters["orders_unknown"] += 1
             return {"status": "unknown", "label": label, "reason": repr(exc)}
+        self._venue_answer(None)
         self._record_order(result.get("order", {}), label)
         self._record_trades(result.get("trades", []))
         self.counters["orders_accepted"] += 1
@@ -196,6 +205,34 @@ class VenueConnector(EventSourced):
 
     def on_stop(self) -> None:
         self.machine.transition("stop", "supervisor stop")
+
+    def _venue_answer(self, code: int | None) -> None:
+        """Track the venue's health from its answers: a streak of unhealthy errors makes the
+        connector DEGRADED (cancel-only) until a probe finds the venue well again."""
+        if code in UNHEALTHY_CODES:
+            self._unhealthy_streak += 1
+            if self._unhealthy_streak >= DEGRADE_AFTER and self.machine.transition(
+                    "venue_unhealthy", f"{self._unhealthy_streak} unhealthy answers ({code})"):
+                self.counters["degraded"] += 1
+                self._running.clear()
+                asyncio.get_running_loop().create_task(self._probe_until_healthy())
+        else:
+            self._unhealthy_streak = 0
+
+    async def _probe_until_healthy(self) -> None:
+        currency = self.instruments[0].split("-")[0].split("_")[0]
+        while self.machine.state == "DEGRADED":
+            await asyncio.sleep(HEALTH_PROBE_S)
+            try:
+                await self._call("private/get_open_orders_by_currency",
+                                 {"currency": currency}, timeout_s=2.0)
+            except (VenueError, TimeoutError, ConnectionError):
+                self.counters["health_probes_failed"] += 1
+                continue
+            self._unhealthy_streak = 0
+            if self.machine.transition("venue_healthy", "health probe answered"):
+                await self._reconcile()  # what happened while we could not trade
+                self._running.set()
 
     # ---------------------------------------------------------------- the connection loop
     async def on_started(self) -> None:
@@ -421,13 +458,25 @@ class VenueConnector(EventSourced):
         self.counters[f"book_{verdict}"] += 1
         if verdict in ("duplicate", "out_of_order"):
             return
+        if channel in self._resyncing and update.type != "snapshot":
+            return  # stale changes until the fresh snapshot arrives
         if verdict == "gap":  # resynchronise from a fresh snapshot
-            self.counters["resyncs"] += 1
-            with contextlib.suppress(Exception):
-                await self._call("private/unsubscribe", {"channels": [channel]})
-                await self._call("private/subscribe", {"channels": [channel]})
+            if channel not in self._resyncing:
+                self._resyncing.add(channel)
+                self.counters["resyncs"] += 1
+                # Not awaited here: the reply is read by this very reader task.
+                asyncio.get_running_loop().create_task(self._resync(channel))
             return
+        self._resyncing.discard(channel)
         self.book.apply(payload)
+
+    async def _resync(self, channel: str) -> None:
+        try:
+            await self._call("private/unsubscribe", {"channels": [channel]})
+            await self._call("private/subscribe", {"channels": [channel]})
+        except Exception:  # noqa: BLE001 - the next gap or reconnect tries again
+            self.counters["resync_failed"] += 1
+            self._resyncing.discard(channel)
 
     # ---------------------------------------------------------------- publishing
     async def _publisher(self) -> None:

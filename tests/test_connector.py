@@ -174,3 +174,64 @@ def test_connector_when_subscriber_slow_and_feed_surges_then_conflates_and_count
         assert stats["max_batch_rows"] <= 2  # one row per instrument: the latest book only
         assert set(stats["latest"]) <= {INSTRUMENT, "ETH-PERPETUAL"}
         assert stats["max_gap_s"] < 5.0  # it still gets fresh marks, never starves
+
+
+def test_connector_when_venue_outage_then_degraded_cancel_only_and_recovers(
+        venue, namespace, store_url, trees) -> None:
+    tree = start_tree(connector_tree(venue), namespace=namespace, store_url=store_url)
+    trees.append(tree)
+    wait_until(lambda: running(tree), 60, "connector RUNNING")
+    conn = tree.actor("root/deribit")
+    order = {"instrument": INSTRUMENT, "direction": "buy", "amount": 10, "type": "market"}
+    rpc(venue, "private/simulator/set_faults", {"outage": True})
+    answers = [ray.get(conn.submit.remote(order, 0.5), timeout=30) for _ in range(4)]
+    assert [a["status"] for a in answers[:3]] == ["rejected"] * 3
+    assert answers[3]["status"] == "refused" and "DEGRADED" in answers[3]["reason"]
+    assert ray.get(conn.state.remote(), timeout=10) == "DEGRADED"
+    rpc(venue, "private/simulator/set_faults", {"outage": False})
+    wait_until(lambda: running(tree), 30, "RUNNING again after the outage")
+    assert ray.get(conn.submit.remote(order), timeout=30)["status"] == "accepted"
+    assert ray.get(conn.positions.remote(), timeout=10) == {INSTRUMENT: venue_position(venue)}
+
+
+def test_connector_when_book_messages_dropped_then_gap_detected_and_resynced(
+        venue, namespace, store_url, trees) -> None:
+    tree = start_tree(connector_tree(venue), namespace=namespace, store_url=store_url)
+    trees.append(tree)
+    wait_until(lambda: running(tree), 60, "connector RUNNING")
+    rpc(venue, "private/simulator/set_faults", {"md_drop_probability": 0.3})
+    conn = tree.actor("root/deribit")
+    counters = wait_until(lambda: (c := ray.get(conn.status.remote(), timeout=10)["counters"])
+                          .get("resyncs", 0) >= 2 and c, 60, "gaps resynced")
+    assert counters["book_gap"] >= 2
+    rpc(venue, "private/simulator/set_faults", {"md_drop_probability": 0.0})
+    before = counters.get("book_snapshot", 0)
+    wait_until(lambda: ray.get(conn.status.remote(), timeout=10)["counters"]
+               .get("book_snapshot", 0) >= before and running(tree), 30, "still RUNNING")
+
+
+def test_connector_when_venue_process_restarts_then_reconnects_and_reconciles(
+        namespace, store_url, trees) -> None:
+    first = VenueProcess.start("restarting", seed=9, keys=KEYS, speedup=60.0)
+    port = first.port
+    try:
+        tree = start_tree(connector_tree(first), namespace=namespace, store_url=store_url)
+        trees.append(tree)
+        wait_until(lambda: running(tree), 60, "connector RUNNING")
+        first.stop()  # the venue goes away: the connection drops
+        wait_until(lambda: not running(tree), 30, "connector notices the disconnect")
+        second = VenueProcess.start("restarting", port=port, seed=9, keys=KEYS, speedup=60.0)
+        try:
+            wait_until(lambda: running(tree), 60, "reconnected and reconciled")
+            status = ray.get(tree.actor("root/deribit").status.remote(), timeout=10)
+            moves = [(a, b) for _, a, b, _ in status["transitions"]]
+            assert ("RUNNING", "STARTING") in moves and moves[-1] == ("RECONCILING", "RUNNING")
+            assert status["counters"].get("connect_errors", 0) >= 1
+            out = ray.get(tree.actor("root/deribit").submit.remote(
+                {"instrument": INSTRUMENT, "direction": "sell", "amount": 10,
+                 "type": "market"}), timeout=30)
+            assert out["status"] == "accepted"
+        finally:
+            second.stop()
+    finally:
+        first.stop()
