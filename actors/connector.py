@@ -100,6 +100,9 @@ class VenueConnector(EventSourced):
         self._booted = False
         self._unhealthy_streak = 0
         self._resyncing: set[str] = set()
+        self._handles: dict[str, Any] = {}
+        self._outbox: dict[str, list[dict[str, Any]]] = {}
+        self._fill_refs: dict[str, tuple[Any, list[dict[str, Any]]]] = {}
         self._tracker: Any = None
 
     # ---------------------------------------------------------------- EventSourced
@@ -480,47 +483,71 @@ class VenueConnector(EventSourced):
 
     # ---------------------------------------------------------------- publishing
     async def _publisher(self) -> None:
+        """Every ``publish_interval_s``: the latest book per instrument (conflated while a
+        subscriber is still busy with the previous batch) and, per subscriber, the fills it has
+        not confirmed. A fills call that fails (the subscriber died) is queued again, so
+        delivery is at least once; subscribers dedup by ``trade_id``."""
         import ray
 
         namespace = current_context().namespace if current_context() else None
         while self.machine.state != "STOPPED":
             await asyncio.sleep(self.publish_interval_s)
+            new_fills = [_deribit_trade(f) for f in self._undelivered]
+            self._undelivered = []
             if not self.subscribers:
-                self._undelivered.clear()
                 self.book.dirty.clear()
                 continue
-            names = sorted(self.book.dirty)
-            self.book.dirty.clear()
-            batch = None
-            if names:
-                best = [self.book.best(n) for n in names]
-                bid = np.array([b for b, _ in best], dtype=np.float64)
-                ask = np.array([a for _, a in best], dtype=np.float64)
-                batch = {"venue": self.venue, "instrument": np.array(names),
-                         "bid": bid, "ask": ask, "mark_price": (bid + ask) / 2,
-                         "index_price": (bid + ask) / 2, "ts": time.time()}
-            fills, self._undelivered = [_deribit_trade(f) for f in self._undelivered], []
             for name in self.subscribers:
-                prev = self._in_flight.get(name)
-                if prev is not None:
-                    ready, _ = ray.wait([prev], timeout=0)
-                    if not ready:
-                        self.counters["publish_conflated"] += 1
-                        if fills:
-                            self._undelivered = [_fill_of(f) for f in fills] + \
-                                self._undelivered
-                        continue
+                self._outbox.setdefault(name, []).extend(new_fills)
+            batch = self._marks_batch()
+            for name in self.subscribers:
+                self._settle_fills(ray, name)
                 try:
-                    handle = ray.get_actor(name, namespace=namespace)
-                    if fills:
-                        handle.on_fills.remote(fills)
-                    if batch is not None:
-                        self._in_flight[name] = handle.on_marks.remote(batch)
+                    handle = self._handles.get(name)
+                    if handle is None:  # resolved once, again only after a failure
+                        handle = self._handles[name] = ray.get_actor(name, namespace=namespace)
+                    outbox = self._outbox.get(name)
+                    if outbox and name not in self._fill_refs:
+                        self._fill_refs[name] = (handle.on_fills.remote(outbox), outbox)
+                        self._outbox[name] = []
+                    if batch is None:
+                        continue
+                    prev = self._in_flight.get(name)
+                    if prev is not None and not ray.wait([prev], timeout=0)[0]:
+                        self.counters["publish_conflated"] += 1
+                        continue
+                    self._in_flight[name] = handle.on_marks.remote(batch)
                 except Exception:  # noqa: BLE001 - subscriber restarting: retry next tick
+                    self._handles.pop(name, None)
                     self.counters["publish_failed"] += 1
-                    if fills:
-                        self._undelivered = [_fill_of(f) for f in fills] + self._undelivered
 
+    def _marks_batch(self) -> dict[str, Any] | None:
+        names = sorted(self.book.dirty)
+        self.book.dirty.clear()
+        if not names:
+            return None
+        best = [self.book.best(n) for n in names]
+        bid = np.array([b for b, _ in best], dtype=np.float64)
+        ask = np.array([a for _, a in best], dtype=np.float64)
+        return {"venue": self.venue, "instrument": np.array(names), "bid": bid, "ask": ask,
+                "mark_price": (bid + ask) / 2, "index_price": (bid + ask) / 2,
+                "ts": time.time()}
+
+    def _settle_fills(self, ray: Any, name: str) -> None:
+        """Confirm a subscriber's fills call, or queue its fills again if it failed."""
+        entry = self._fill_refs.get(name)
+        if entry is None:
+            return
+        ref, fills = entry
+        if not ray.wait([ref], timeout=0)[0]:
+            return
+        del self._fill_refs[name]
+        try:
+            ray.get(ref, timeout=0)
+        except Exception:  # noqa: BLE001 - died before taking them: deliver again
+            self._handles.pop(name, None)
+            self._outbox[name] = fills + self._outbox.get(name, [])
+            self.counters["fills_redelivered"] += len(fills)
 
 def _deribit_trade(fill: dict[str, Any]) -> dict[str, Any]:
     """A journaled fill in Deribit's user-trade shape (what subscribers such as RiskBook take)."""
@@ -529,8 +556,3 @@ def _deribit_trade(fill: dict[str, Any]) -> dict[str, Any]:
             "amount": fill["amount"], "price": fill["price"], "fee": fill["fee"],
             "order_id": fill["order_id"], "label": fill["label"], "timestamp": fill["ts_ms"]}
 
-
-def _fill_of(trade: dict[str, Any]) -> dict[str, Any]:
-    event = fill_event(trade)
-    assert event is not None
-    return event

@@ -24,7 +24,7 @@ import numpy as np
 KEYS = {"bench": "bench-secret-123"}
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, speedup: float = 60000.0, synthetic: bool = True) -> dict[str, Any]:
     import ray
 
     from actors.venue.process import VenueProcess
@@ -35,7 +35,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-md-"))
     cluster = LocalCluster.start([NodeConfig("head", num_cpus=0),
                                   NodeConfig("w1", num_cpus=4)], work_dir=work / "c")
-    venue = VenueProcess.start("bench", seed=5, keys=KEYS, speedup=6000.0)
+    venue = VenueProcess.start("bench", seed=5, keys=KEYS, speedup=speedup, synthetic=synthetic)
     try:
         ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
         (cid, secret), = KEYS.items()

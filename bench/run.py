@@ -64,10 +64,12 @@ NOTES = """How to read these:
   (10M Black-76 prices) is the headline and misses the 20 ms goal; netting positions per
   instrument keeps it exact and ~10x faster; the delta-gamma-vega approximation meets the goal
   but is an approximation (its VaR error is reported).
-- `marketdata`: simulator process -> connector (WebSocket JSON-RPC, change-id checks,
-  conflation) -> subscriber actor. `book_updates_per_s` is bounded by how fast the simulator
-  generates book changes from 1-minute bars, not by the connector; the 200k events/s goal
-  needs a binary feed and a load generator, still to do. Latency is publish -> subscriber."""
+- `marketdata`: simulator process (synthetic feed at 60000x) -> connector (WebSocket JSON-RPC,
+  change-id checks, conflation) -> subscriber actor, all on the same 2 cores. About 5k book
+  updates/s saturate the connector's event loop (a JSON parse per message); marks then reach
+  the subscriber only a few times per second (`batches_delivered_per_s`), conflated. The 200k
+  events/s goal needs a binary feed and parsing off the event loop: not done. Latency is
+  connector publish -> subscriber processed."""
 
 
 def _fmt(value: Any) -> str:

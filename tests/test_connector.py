@@ -235,3 +235,28 @@ def test_connector_when_venue_process_restarts_then_reconnects_and_reconciles(
             second.stop()
     finally:
         first.stop()
+
+
+def test_risk_book_when_sigkilled_while_fills_flow_then_catches_up_from_redelivery(
+        venue, namespace, store_url, trees) -> None:
+    """Fills published to a risk book that dies before taking them are delivered again (at
+    least once; the book dedups by trade_id), without the connector restarting."""
+    tree = start_tree(connector_tree(venue, ["root/book"], with_book=True),
+                      namespace=namespace, store_url=store_url)
+    trees.append(tree)
+    wait_until(lambda: running(tree), 60, "connector RUNNING")
+    conn = tree.actor("root/deribit")
+    order = {"instrument": INSTRUMENT, "direction": "buy", "amount": 10, "type": "market"}
+    refs = [conn.submit.remote(order) for _ in range(30)]
+    ray.wait(refs, num_returns=10, timeout=60)
+    os.kill(tree.child("root/book").pid, signal.SIGKILL)
+    assert all(r["status"] == "accepted" for r in ray.get(refs, timeout=60))
+    conn_pid = tree.child("root/deribit").pid
+
+    def book_size() -> float | None:
+        rows = ray.get(tree.actor("root/book", 10).positions.remote(), timeout=10)
+        return next((r["size"] for r in rows if r["instrument"] == INSTRUMENT), None)
+
+    wait_until(lambda: book_size() == 300.0, 30, "risk book caught up to 30 fills")
+    assert venue_position(venue) == 300.0
+    assert tree.child("root/deribit").pid == conn_pid  # no connector restart was needed
