@@ -68,15 +68,24 @@ def _is_number(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
+def _positive_finite(value: object, param: str, not_positive: str) -> Rejection | None:
+    """The refusal of a value that is not a finite number > 0, else None."""
+    if not _is_number(value):
+        return reject("Invalid params", f"{param}_not_a_number", param)
+    assert isinstance(value, int | float)
+    if not math.isfinite(value):
+        return reject("Invalid params", f"{param}_not_finite", param)
+    if value <= 0:
+        return reject(not_positive, f"{param}_not_positive", param)
+    return None
+
+
 def check_amount(inst: Instrument, amount: object, param: str = "amount") -> int | Rejection:
     """Lots for ``amount`` or the reason it is refused."""
-    if not _is_number(amount):
-        return reject("Invalid params", f"{param}_not_a_number", param)
+    refused = _positive_finite(amount, param, "invalid_amount")
+    if refused is not None:
+        return refused
     assert isinstance(amount, int | float)
-    if not math.isfinite(amount):
-        return reject("Invalid params", f"{param}_not_finite", param)
-    if amount <= 0:
-        return reject("invalid_amount", f"{param}_not_positive", param)
     lots = inst.amount_to_lots(float(amount))
     if lots is None or lots < 1:
         message = "non_integer_contract_amount" if inst.kind == "future" else "invalid_amount"
@@ -88,13 +97,10 @@ def check_price(inst: Instrument, price: object, param: str = "price") -> int | 
     """Ticks for ``price`` or the reason it is refused."""
     if price is None:
         return reject("Invalid params", f"{param}_missing", param)
-    if not _is_number(price):
-        return reject("Invalid params", f"{param}_not_a_number", param)
+    refused = _positive_finite(price, param, "invalid_price")
+    if refused is not None:
+        return refused
     assert isinstance(price, int | float)
-    if not math.isfinite(price):
-        return reject("Invalid params", f"{param}_not_finite", param)
-    if price <= 0:
-        return reject("invalid_price", f"{param}_not_positive", param)
     ticks = inst.price_to_ticks(float(price))
     if ticks is None or ticks < 1:
         message = "trigger_price_wrong_tick" if param == "trigger_price" else "price_wrong_tick"
