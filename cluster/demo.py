@@ -14,6 +14,7 @@ import os
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 import base64
+import contextlib
 import json
 import random
 import signal
@@ -198,17 +199,14 @@ def _report(tree: Any, conn_path: str, book_path: str, venue: Any, venue_spec: A
     engine = venue_rpc(venue.http_url, venue_spec.client_id, venue_spec.client_secret,
                        "public/simulator/status")["engine"]
 
-    def book_size() -> float | None:
+    def book_size() -> float:
         rows = ray.get(tree.actor(book_path).positions.remote(), timeout=10)
-        size = next((r["size"] for r in rows if r["instrument"] == INSTRUMENT), 0.0)
-        return size if size == theirs else None
+        return next((r["size"] for r in rows if r["instrument"] == INSTRUMENT), 0.0)
 
-    try:
-        book = _wait(lambda: book_size() is not None, 30, "risk book to catch up")
-        book = book_size()
-    except RuntimeError:
-        rows = ray.get(tree.actor(book_path).positions.remote(), timeout=10)
-        book = next((r["size"] for r in rows if r["instrument"] == INSTRUMENT), 0.0)
+    # Fills reach the book in batches: give it a moment to catch up, then report what it has.
+    with contextlib.suppress(RuntimeError):
+        _wait(lambda: book_size() == theirs, 30, "risk book to catch up")
+    book = book_size()
     summary = ray.get(tree.actor(book_path).summary.remote(), timeout=30)
     maker = None
     root = book_path.split("/")[0]

@@ -12,9 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +20,6 @@ import psutil
 
 from .deployment import Deployment, site_tree
 from .local import LocalCluster, NodeConfig
-
-READY_PREFIX = "VENUE_READY "
 
 
 class LaunchError(RuntimeError):
@@ -54,57 +49,32 @@ def cluster_nodes(dep: Deployment, workers_per_site: int = 2) -> list[NodeConfig
 def start_venues(dep: Deployment, work_dir: Path, *, detached: bool,
                  start_timeout_s: float = 60.0) -> dict[str, VenueInfo]:
     """Start every venue simulator; returns them by ``site/venue``. Keys come from the spec."""
+    from actors.venue.process import VenueProcess
+
     work_dir.mkdir(parents=True, exist_ok=True)
     started: dict[str, VenueInfo] = {}
-    procs: list[subprocess.Popen] = []
+    procs: list[VenueProcess] = []
     try:
         for site in dep.sites:
             for venue in site.venues:
-                key = f"{site.name}/{venue.name}"
-                keys_path = work_dir / f"keys-{site.name}-{venue.name}.json"
-                keys_path.write_text(json.dumps({venue.client_id: venue.client_secret}))
-                keys_path.chmod(0o600)
                 log_path = work_dir / f"venue-{site.name}-{venue.name}.log"
-                argv = [sys.executable, "-u", "-m", "actors.venue.process", "serve",
-                        "--name", f"{site.name}-{venue.name}", "--port", str(venue.port),
-                        "--seed", str(venue.seed), "--keys", str(keys_path),
-                        "--speedup", repr(float(venue.speedup))]
-                if venue.data:
-                    argv += ["--data", venue.data]
-                if venue.synthetic:
-                    argv.append("--synthetic")
-                if not detached:
-                    argv.append("--exit-with-parent")
-                with open(log_path, "wb") as log:
-                    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL,
-                                            start_new_session=detached)
+                proc = VenueProcess.start(
+                    f"{site.name}-{venue.name}", port=venue.port, data=venue.data,
+                    seed=venue.seed, keys={venue.client_id: venue.client_secret},
+                    speedup=venue.speedup, synthetic=venue.synthetic,
+                    start_timeout_s=start_timeout_s,
+                    log_path=log_path if detached else None)
                 procs.append(proc)
-                ws, http = _wait_ready(proc, log_path, start_timeout_s, key)
-                started[key] = VenueInfo(site.name, venue.name, ws, http, proc.pid,
-                                         str(log_path))
+                started[f"{site.name}/{venue.name}"] = VenueInfo(
+                    site.name, venue.name, proc.ws_url, proc.http_url, proc.pid,
+                    str(log_path) if detached else "")
     except BaseException:
         for proc in procs:
-            _stop_pid(proc.pid)
+            proc.stop()
         raise
     (work_dir / "venues.json").write_text(json.dumps(
         {k: asdict(v) for k, v in started.items()}, indent=2))
     return started
-
-
-def _wait_ready(proc: subprocess.Popen, log_path: Path, timeout_s: float,
-                key: str) -> tuple[str, str]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        text = log_path.read_text(errors="replace") if log_path.exists() else ""
-        for line in text.splitlines():
-            if line.startswith(READY_PREFIX):
-                fields = dict(p.split("=", 1) for p in line[len(READY_PREFIX):].split())
-                return fields["ws"], fields["http"]
-        if proc.poll() is not None:
-            raise LaunchError(f"venue {key} exited with {proc.returncode}:\n{text[-2000:]}")
-        time.sleep(0.05)
-    raise LaunchError(f"venue {key} not ready after {timeout_s:g} s (log {log_path})")
 
 
 def _stop_pid(pid: int, grace_s: float = 10.0) -> None:
@@ -127,8 +97,6 @@ def stop_venues(work_dir: Path) -> int:
     for info in venues.values():
         _stop_pid(info["pid"])
     path.unlink()
-    for keys in work_dir.glob("keys-*.json"):
-        keys.unlink()
     return len(venues)
 
 

@@ -77,9 +77,10 @@ class VenueProcess:
               min_heartbeat_s: float | None = None, cod_cancels_account_orders: bool = False,
               max_queue_messages: int | None = None,
               start_timeout_s: float = 30.0, stop_timeout_s: float = 10.0,
-              python: str | None = None) -> VenueProcess:
+              python: str | None = None, log_path: Path | None = None) -> VenueProcess:
         """Start the server process and wait until it listens. Without ``keys`` one key is
-        generated (``.keys`` has it)."""
+        generated (``.keys`` has it). With ``log_path`` the process is detached: its own
+        session, output to that file, and it outlives this process (``bastion up``)."""
         keys = dict(keys) if keys is not None else {f"sim-{name}": secrets.token_hex(16)}
         ServerConfig(name=name, keys=keys, port=port, speedup=speedup)  # fail here, not there
         fd, keys_path = tempfile.mkstemp(prefix="bastion-venue-keys-", suffix=".json")
@@ -87,8 +88,9 @@ class VenueProcess:
             json.dump(keys, f)
         argv = [python or sys.executable, "-u", "-m", "actors.venue.process", "serve",
                 "--name", name, "--port", str(port), "--seed", str(seed), "--keys", keys_path,
-                "--speedup", repr(float(speedup)), "--latency-s", repr(float(latency_s)),
-                "--exit-with-parent"]
+                "--speedup", repr(float(speedup)), "--latency-s", repr(float(latency_s))]
+        if log_path is None:
+            argv.append("--exit-with-parent")
         if data is not None:
             argv += ["--data", str(data)]
         if synthetic:
@@ -103,17 +105,48 @@ class VenueProcess:
             argv += ["--max-queue-messages", str(max_queue_messages)]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-        popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, text=True, env=env, cwd=REPO_ROOT)
+        if log_path is None:
+            popen = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, text=True, env=env,
+                                     cwd=REPO_ROOT)
+        else:
+            with open(log_path, "w") as log:
+                popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, text=True, env=env,
+                                         cwd=REPO_ROOT, start_new_session=True)
         proc = cls(name, "", "", keys, popen, stop_timeout_s=stop_timeout_s,
                    _keys_file=Path(keys_path))
         try:
-            proc._wait_ready(start_timeout_s)
+            if log_path is None:
+                proc._wait_ready(start_timeout_s)
+            else:
+                proc._wait_ready_in_file(Path(log_path), start_timeout_s)
         except BaseException:
             proc.stop()
             raise
         proc._remove_keys_file()  # read by the server by now
         return proc
+
+    def _take_ready_line(self, line: str) -> bool:
+        if not line.startswith(READY_PREFIX):
+            return False
+        fields = dict(p.split("=", 1) for p in line[len(READY_PREFIX):].split())
+        self.ws_url, self.http_url = fields["ws"], fields["http"]
+        return True
+
+    def _wait_ready_in_file(self, log_path: Path, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            lines = log_path.read_text(errors="replace").splitlines()
+            if any(self._take_ready_line(line) for line in lines):
+                return
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                self.output.extend(lines[-30:])
+                what = (f"exited with {self.popen.returncode}" if self.popen.poll() is not None
+                        else f"not ready after {timeout_s:g} s")
+                tail = "\n".join(lines[-30:])
+                raise VenueProcessError(f"venue {self.name!r} {what}; last output:\n{tail}")
+            time.sleep(0.05)
 
     def _wait_ready(self, timeout_s: float) -> None:
         ready = threading.Event()
@@ -123,9 +156,7 @@ class VenueProcess:
             for line in self.popen.stdout:
                 line = line.rstrip("\n")
                 self.output.append(line)
-                if line.startswith(READY_PREFIX) and not ready.is_set():
-                    fields = dict(p.split("=", 1) for p in line[len(READY_PREFIX):].split())
-                    self.ws_url, self.http_url = fields["ws"], fields["http"]
+                if not ready.is_set() and self._take_ready_line(line):
                     ready.set()
 
         self._drain = threading.Thread(target=drain, name=f"venue-{self.name}-out", daemon=True)
