@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from actors.options import black76_greeks, black76_price
+from actors.options import black76_greeks, black76_price, portfolio_greeks
 from actors.var import (
     dgv_scenario_pnl,
     historical_var_es,
@@ -339,3 +339,146 @@ def test_dgv_scenario_pnl_when_shocks_small_then_close_to_full_revaluation() -> 
     q, f = book["quantity"], book["forward"]
     linear = u * float(q @ (greeks.delta * f)) + dv * float(q @ greeks.vega_per_vol)
     assert np.abs(linear - full).max() > 2.0 * np.abs(approx - full).max()
+
+
+# ------------------------------------- netted revaluation (contracts, put-call parity) is exact
+
+BOOK_KINDS = ("calls_and_puts", "puts_only", "near_expiry", "deep_itm_otm")
+
+
+def _listing_book(kind: str, seed: int, positions: int = 3_000
+                  ) -> tuple[dict[str, np.ndarray], np.ndarray, float]:
+    """Positions drawn from a small listing (expiries x strikes, a call and a put at every
+    strike, one vol and one rate per strike and expiry), so that many positions share a
+    contract and calls share contracts with puts. Returns the book, its rates and a horizon.
+
+    ``near_expiry``: expiries of 0.5 to 3 days and a 1-day horizon (the 0.5-day ones expire in
+    it); ``deep_itm_otm``: strikes 1 to 3 log-units from the forward with low vols."""
+    rng = np.random.default_rng(seed)
+    days = {"near_expiry": [0.5, 1.0, 1.5, 3.0],
+            "deep_itm_otm": [1.0, 2.0, 7.0]}.get(kind, [2.0, 9.0, 30.0, 90.0, 365.0])
+    t = np.repeat(np.array(days) / 365.0, 12)
+    forward = 60_000.0 * np.exp(0.05 * t)
+    if kind == "deep_itm_otm":
+        log_moneyness = rng.choice([-1.0, 1.0], t.size) * rng.uniform(1.0, 3.0, t.size)
+        vol = rng.uniform(0.2, 0.4, t.size)
+    else:
+        log_moneyness = rng.uniform(-0.5, 0.5, t.size)
+        vol = rng.uniform(0.3, 1.2, t.size)
+    strike = forward * np.exp(log_moneyness)
+    rate = rng.uniform(0.0, 0.05, t.size)
+    listing = {n: np.tile(a, 2) for n, a in (("forward", forward), ("strike", strike),
+                                             ("t_years", t), ("vol", vol), ("rate", rate))}
+    listing["is_call"] = np.repeat([True, False], t.size)
+    if kind == "puts_only":
+        listing["is_call"][:] = False
+    which = rng.integers(0, listing["strike"].size, positions)
+    book = {"quantity": np.round(rng.normal(0.0, 3.0, positions), 1),
+            **{n: listing[n][which] for n in ("is_call", "forward", "strike", "t_years", "vol")}}
+    horizon = 1.0 / 365.0 if kind == "near_expiry" else 0.0
+    return book, listing["rate"][which], horizon
+
+
+def _wide_scenarios(s: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Large moves and vol shifts (some hit the vol floor)."""
+    rng = np.random.default_rng(seed)
+    return np.maximum(rng.normal(0.0, 0.1, s), -0.9), rng.normal(0.0, 0.15, s)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("kind", BOOK_KINDS)
+@pytest.mark.parametrize("seed", [21, 22])
+def test_option_scenario_pnl_when_netted_by_contract_then_equals_per_position_revaluation(
+        kind: str, inverse: bool, seed: int) -> None:
+    book, rate, horizon = _listing_book(kind, seed)
+    u, dv = _wide_scenarios(80, seed + 100)
+    options = {"rate": rate, "horizon_years": horizon, "inverse": inverse}
+    netted = option_scenario_pnl(*book.values(), u, dv, **options)
+    per_position = option_scenario_pnl(*book.values(), u, dv, net_contracts=False, **options)
+    scale = np.abs(per_position.pnl).max()
+    assert scale > 0
+    np.testing.assert_allclose(netted.pnl, per_position.pnl, rtol=0, atol=1e-12 * scale)
+    assert (netted.invalid_positions, netted.invalid_scenarios) == (0, 0)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+@pytest.mark.parametrize("kind", ["calls_and_puts", "puts_only", "deep_itm_otm"])
+def test_option_scenario_pnl_when_netted_then_equals_black76_repricing_to_1e_12(
+        kind: str, inverse: bool) -> None:
+    book, _, _ = _listing_book(kind, seed=23, positions=1_000)
+    u, dv = _wide_scenarios(40, seed=24)
+    result = option_scenario_pnl(*book.values(), u, dv, rate=0.02, inverse=inverse)
+    reference = _reprice_one_by_one(book, u, dv, inverse=inverse, rate=0.02)
+    np.testing.assert_allclose(result.pnl, reference, rtol=0,
+                               atol=1e-12 * np.abs(reference).max())
+
+
+def test_option_scenario_pnl_when_long_call_short_put_same_strike_then_pnl_is_the_forward() -> None:
+    # q C - q P = q D (F_s - K): no option price is left once the contract is netted
+    u, dv = _wide_scenarios(50, seed=25)
+    t, rate = 30 / 365, 0.03
+    result = option_scenario_pnl([2.0, -2.0], [True, False], 60_000.0, 55_000.0, t, 0.6,
+                                 u, dv, rate=rate)
+    expected = 2.0 * math.exp(-rate * t) * 60_000.0 * u
+    np.testing.assert_allclose(result.pnl, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+
+
+def test_option_scenario_pnl_when_positions_split_and_shuffled_then_same_pnl() -> None:
+    book, rate, horizon = _listing_book("calls_and_puts", seed=26, positions=500)
+    u, dv = _wide_scenarios(30, seed=27)
+    rng = np.random.default_rng(28)
+    pieces = rng.dirichlet(np.ones(3), book["quantity"].size)  # each position in 3 parts
+    split = {n: np.repeat(v, 3) for n, v in book.items()}
+    split["quantity"] = (book["quantity"][:, None] * pieces).ravel()
+    order = rng.permutation(split["quantity"].size)
+    shuffled = {n: v[order] for n, v in split.items()}
+    whole = option_scenario_pnl(*book.values(), u, dv, rate=rate, horizon_years=horizon)
+    parts = option_scenario_pnl(*shuffled.values(), u, dv, rate=np.repeat(rate, 3)[order],
+                                horizon_years=horizon)
+    np.testing.assert_allclose(parts.pnl, whole.pnl, rtol=0,
+                               atol=1e-12 * np.abs(whole.pnl).max())
+
+
+def test_option_scenario_pnl_when_netted_blocks_tiny_or_huge_then_same_pnl() -> None:
+    book, rate, _ = _listing_book("calls_and_puts", seed=29, positions=800)
+    u, dv = _wide_scenarios(25, seed=30)
+    u[0] = dv[0] = 0.0
+    tiny = option_scenario_pnl(*book.values(), u, dv, rate=rate, block_bytes=8 * 5)
+    huge = option_scenario_pnl(*book.values(), u, dv, rate=rate, block_bytes=1 << 22)
+    scale = np.abs(huge.pnl).max()
+    np.testing.assert_allclose(tiny.pnl, huge.pnl, rtol=0, atol=1e-12 * scale)
+    assert abs(huge.pnl[0]) <= 1e-13 * scale  # a zero shock: 0 to rounding
+
+
+def test_option_scenario_pnl_when_netted_float32_then_close_to_float64() -> None:
+    book, rate, horizon = _listing_book("near_expiry", seed=31)
+    u, dv = _wide_scenarios(60, seed=32)
+    exact = option_scenario_pnl(*book.values(), u, dv, rate=rate, horizon_years=horizon).pnl
+    single = option_scenario_pnl(*book.values(), u, dv, rate=rate, horizon_years=horizon,
+                                 dtype=np.float32).pnl
+    assert single.dtype == np.float64
+    np.testing.assert_allclose(single, exact, rtol=0, atol=1e-4 * np.abs(exact).max())
+
+
+def test_option_var_es_when_netted_then_var_and_es_of_per_position_revaluation() -> None:
+    book, rate, horizon = _listing_book("calls_and_puts", seed=33)
+    u, dv = _wide_scenarios(200, seed=34)
+    risk = option_var_es(*book.values(), u, dv, 0.95, rate=rate, horizon_years=horizon)
+    reference = historical_var_es(option_scenario_pnl(
+        *book.values(), u, dv, rate=rate, horizon_years=horizon, net_contracts=False).pnl, 0.95)
+    assert risk.var == pytest.approx(reference.var, rel=1e-12)
+    assert risk.es == pytest.approx(reference.es, rel=1e-12)
+
+
+def test_portfolio_greeks_when_netted_per_instrument_then_equal_per_position_totals() -> None:
+    instruments = _book(40, seed=35)
+    rng = np.random.default_rng(36)
+    which = rng.integers(0, 40, 2_000)
+    quantity = rng.normal(0.0, 2.0, 2_000)
+    columns = ("is_call", "forward", "strike", "t_years", "vol")
+    per_position = portfolio_greeks(quantity, black76_greeks(
+        *(instruments[n][which] for n in columns)))
+    netted = portfolio_greeks(net_by_instrument(which, quantity, 40), black76_greeks(
+        *(instruments[n] for n in columns)))
+    for name in ("value", "delta", "gamma", "vega_per_vol", "theta_per_year", "rho"):
+        assert netted[name] == pytest.approx(per_position[name], rel=1e-12, abs=1e-9)
