@@ -396,11 +396,17 @@ def test_request_when_store_fails_then_no_reply_and_no_grant():
 # --------------------------------------------------------------------------------------------
 
 
-def test_transitions_when_listed_then_cover_every_state_and_lead_back_to_standby():
+def test_transitions_when_listed_then_cover_every_state_and_each_leads_back_to_standby():
     states = {s for pair in TRANSITIONS for s in (pair[0], TRANSITIONS[pair])}
     assert states == set(HolderState)
-    assert {to for (frm, _), to in TRANSITIONS.items() if frm is not HolderState.STANDBY} \
-        >= {HolderState.STANDBY}
+    for start in HolderState:
+        seen, frontier = {start}, [start]
+        while frontier:
+            frm = frontier.pop()
+            nxt = {to for (f, _), to in TRANSITIONS.items() if f is frm} - seen
+            seen |= nxt
+            frontier.extend(nxt)
+        assert HolderState.STANDBY in seen and HolderState.ACTIVE in seen, start
 
 
 def test_holder_when_constructed_without_voters_then_error():
@@ -439,7 +445,7 @@ def test_acquire_when_only_minority_reachable_then_never_active():
     h = net.holders["a#1"]
     assert not net.activations and h.state in (HolderState.STANDBY, HolderState.CANDIDATE)
     assert sum(c.to_state is HolderState.CANDIDATE for c in h.history) >= 10  # kept trying
-    assert "timed out with 2/3 grants" in h.history[-1].reason or h.state is HolderState.CANDIDATE
+    assert any("timed out with 2/3 grants" in c.reason for c in h.history)
 
 
 def test_renew_when_cut_off_then_stops_acting_at_window_then_drains_and_releases():

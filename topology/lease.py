@@ -72,7 +72,7 @@ __all__ = [
     "FilePromiseStore", "HolderState", "HolderTrigger", "LeaseConfig", "LeaseHandoff",
     "LeaseHolder", "LeaseMessageError", "LeaseRelease", "LeaseReply", "LeaseRequest",
     "LeaseStateChange", "LeaseVoter", "MemoryPromiseStore", "Outgoing", "Promise",
-    "PromiseStore", "PromiseStoreError", "Refusal", "decode_lease_message",
+    "PromiseStore", "PromiseStoreError", "Refusal", "decode_body", "decode_lease_message",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -279,21 +279,27 @@ _MESSAGE_TYPES: dict[str, type[BodyMessage]] = {
     c.TYPE: c for c in (LeaseRequest, LeaseReply, LeaseRelease, LeaseHandoff)}
 
 
-def decode_lease_message(body: Mapping[str, Any]) -> LeaseMessage:
-    """The message a body encodes. Raises :class:`LeaseMessageError` if it is malformed."""
+def decode_body(body: Mapping[str, Any], types: Mapping[str, type[BodyMessage]]) -> Any:
+    """The message of one of ``types`` (by ``TYPE``) that ``body`` encodes. Raises
+    :class:`LeaseMessageError` if it is malformed."""
     kind = body.get("type") if isinstance(body, Mapping) else None
-    cls = _MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    cls = types.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise LeaseMessageError("type", kind, f"unknown; known: {sorted(_MESSAGE_TYPES)}")
-    return cls.from_body(body)  # type: ignore[return-value]
+        raise LeaseMessageError("type", kind, f"unknown; known: {sorted(types)}")
+    return cls.from_body(body)
+
+
+def decode_lease_message(body: Mapping[str, Any]) -> LeaseMessage:
+    """The lease message a body encodes. Raises :class:`LeaseMessageError` if malformed."""
+    return decode_body(body, _MESSAGE_TYPES)
 
 
 @dataclass(frozen=True)
 class Outgoing:
-    """A message for the I/O layer to deliver to the node ``to`` (a voter or holder id)."""
+    """A message for the I/O layer to deliver to the node ``to`` (a voter, holder, standby)."""
 
     to: str
-    message: LeaseMessage
+    message: BodyMessage  # LeaseMessage here; replication messages in topology.replication
 
 
 # --------------------------------------------------------------------------------------------
