@@ -37,7 +37,8 @@ def test_construct_when_negative_interval_then_error_names_field_and_value():
     ("max_sample_size", 1, "mesh.max_sample_size = 1: must be >= 2"),
     ("max_sample_size", 2.5, "mesh.max_sample_size = 2.5: must be an integer"),
     ("indirect_probes", True, "mesh.indirect_probes = True: must be an integer"),
-    ("acceptable_heartbeat_pause_s", -0.1, "mesh.acceptable_heartbeat_pause_s = -0.1: must be >= 0"),
+    ("acceptable_heartbeat_pause_s", -0.1,
+     "mesh.acceptable_heartbeat_pause_s = -0.1: must be >= 0"),
     ("max_frame_bytes", 100, "mesh.max_frame_bytes = 100: must be >= 512"),
     ("bogus_s", 1.0, "mesh.bogus_s = 1.0: unknown field (known: heartbeat_interval_s"),
 ])

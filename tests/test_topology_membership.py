@@ -36,8 +36,8 @@ from topology.membership import (
     EventQueue,
     Membership,
     MembershipEvent,
+    MemberState,
     Send,
-    State,
     initial_incarnation,
 )
 
@@ -141,14 +141,14 @@ class SimMesh:
         return next((e.ts_s for o, e in self.events
                      if o == observer and e.node_id == about and e.kind == kind), None)
 
-    def all_see(self, node: str, state: State) -> bool:
+    def all_see(self, node: str, state: MemberState) -> bool:
         return all(self.nodes[o].state_of(node) is state for o in self.observers(node))
 
 
 def _started(n: int = 5, **kw) -> SimMesh:
     mesh = SimMesh(n, **kw)
     mesh.run(1.0)
-    assert all(mesh.all_see(nid, State.ALIVE) for nid in mesh.ids)
+    assert all(mesh.all_see(nid, MemberState.ALIVE) for nid in mesh.ids)
     return mesh
 
 
@@ -170,7 +170,7 @@ def test_crash_when_local_preset_then_every_peer_declares_down_within_500ms(seed
     victim = mesh.ids[seed % 5]
     t_crash = mesh.clock.now_s()
     mesh.crashed.add(victim)
-    mesh.run_until(lambda: mesh.all_see(victim, State.DEAD), timeout_s=2.0)
+    mesh.run_until(lambda: mesh.all_see(victim, MemberState.DEAD), timeout_s=2.0)
     for obs in mesh.observers(victim):
         t_down = mesh.first("down", victim, obs)
         t_suspect = mesh.first("suspect", victim, obs)
@@ -182,11 +182,11 @@ def test_hang_when_node_stops_then_down_and_after_resume_it_refutes_and_is_up_ag
     mesh = _started(4)
     victim = "n2"
     mesh.hung.add(victim)
-    mesh.run_until(lambda: mesh.all_see(victim, State.DEAD), timeout_s=1.0)
+    mesh.run_until(lambda: mesh.all_see(victim, MemberState.DEAD), timeout_s=1.0)
     old_inc = mesh.nodes[victim].incarnation
     mesh.run(1.0)
     mesh.resume(victim)
-    mesh.run_until(lambda: mesh.all_see(victim, State.ALIVE), timeout_s=1.0)
+    mesh.run_until(lambda: mesh.all_see(victim, MemberState.ALIVE), timeout_s=1.0)
     assert mesh.nodes[victim].incarnation > old_inc
     for obs in mesh.observers(victim):
         assert mesh.kinds(victim, obs) == ["up", "suspect", "down", "up"]
@@ -201,7 +201,7 @@ def test_short_hang_when_resumed_while_suspected_then_refuted_never_down():
                    timeout_s=1.0)
     mesh.resume(victim)
     mesh.run(2.0)
-    assert mesh.all_see(victim, State.ALIVE)
+    assert mesh.all_see(victim, MemberState.ALIVE)
     assert all("down" not in mesh.kinds(victim, o) for o in mesh.observers(victim))
     assert mesh.nodes[victim].incarnation == 2
 
@@ -226,7 +226,7 @@ def test_crash_when_two_node_mesh_then_survivor_declares_down_without_helpers():
     mesh = _started(2)
     mesh.crashed.add("n1")
     t0 = mesh.clock.now_s()
-    t = mesh.run_until(lambda: mesh.nodes["n0"].state_of("n1") is State.DEAD, timeout_s=1.0)
+    t = mesh.run_until(lambda: mesh.nodes["n0"].state_of("n1") is MemberState.DEAD, timeout_s=1.0)
     assert t - t0 <= 0.5  # K = 0 with no one to confirm: suspicion_min_s
 
 
@@ -235,22 +235,22 @@ def test_isolated_node_when_cut_from_all_then_majority_declares_it_down_and_it_d
     for other in mesh.ids[1:]:
         mesh.cut_link("n0", other)
     mesh.run(2.0)
-    assert mesh.all_see("n0", State.DEAD)
-    assert all(mesh.nodes["n0"].state_of(o) is State.DEAD for o in mesh.ids[1:])
+    assert mesh.all_see("n0", MemberState.DEAD)
+    assert all(mesh.nodes["n0"].state_of(o) is MemberState.DEAD for o in mesh.ids[1:])
     assert all("down" not in mesh.kinds(o, obs) for o in mesh.ids[1:]
                for obs in mesh.ids[1:] if obs != o)
     mesh.cut.clear()                                   # heal: n0 hears it was declared dead
-    mesh.run_until(lambda: all(mesh.all_see(n, State.ALIVE) for n in mesh.ids), timeout_s=2.0)
+    mesh.run_until(lambda: all(mesh.all_see(n, MemberState.ALIVE) for n in mesh.ids), timeout_s=2.0)
 
 
 def test_restart_when_node_comes_back_with_new_incarnation_then_up_and_window_reset():
     mesh = _started(3)
     mesh.crashed.add("n2")
-    mesh.run_until(lambda: mesh.all_see("n2", State.DEAD), timeout_s=1.0)
+    mesh.run_until(lambda: mesh.all_see("n2", MemberState.DEAD), timeout_s=1.0)
     mesh.crashed.discard("n2")
     mesh.nodes["n2"] = Membership("n2", "site-b", CFG, incarnation=10)
     mesh.guards["n2"] = ReplayGuard()
-    mesh.run_until(lambda: mesh.all_see("n2", State.ALIVE), timeout_s=1.0)
+    mesh.run_until(lambda: mesh.all_see("n2", MemberState.ALIVE), timeout_s=1.0)
     info = mesh.nodes["n0"].member("n2", mesh.clock.now_s())
     assert info.incarnation == 10 and info.phi < 1.0
     assert mesh.kinds("n2", "n0")[-1] == "up"
@@ -291,7 +291,19 @@ def test_on_heartbeat_when_first_from_node_then_up_event_with_site_and_incarnati
     [event] = m.events.drain()
     assert (event.kind, event.node_id, event.site, event.incarnation, event.ts_s) == \
         ("up", "a", "tokyo", 7, 1.0)
-    assert m.state_of("a") is State.ALIVE and m.state_of("zz") is State.UNKNOWN
+    assert m.state_of("a") is MemberState.ALIVE and m.state_of("zz") is MemberState.UNKNOWN
+
+
+def test_phis_when_many_members_then_vectorized_values_match_each_detector():
+    m = _me()
+    _feed(m, ["a", "b", "c"], 0.0, 1.0, skip=())
+    _feed(m, ["a", "b"], 1.05, 1.2)
+    now = 1.3
+    phis = m.phis(now)
+    assert set(phis) == {"a", "b", "c"}
+    for info in m.members(now):
+        assert phis[info.node_id] == pytest.approx(info.phi, rel=1e-9, abs=1e-12)
+    assert phis["c"] > phis["a"]
 
 
 def test_on_heartbeat_when_older_incarnation_or_own_then_dropped_and_counted():
@@ -307,7 +319,7 @@ def test_on_claim_when_stale_incarnation_or_unknown_node_then_dropped_and_counte
     m.on_heartbeat(_hb("a", inc=5), 0.0)
     assert m.on_claim(Suspect("a", 4, "b"), 0.1) == []
     assert m.on_claim(Dead("ghost", 1, "b"), 0.1) == []
-    assert m.state_of("a") is State.ALIVE
+    assert m.state_of("a") is MemberState.ALIVE
     assert m.dropped == {"stale_claim": 1, "unknown_node": 1}
 
 
@@ -316,11 +328,11 @@ def test_on_claim_when_suspect_then_relayed_once_and_alive_at_higher_incarnation
     m.on_heartbeat(_hb("a", inc=3), 0.0)
     assert m.on_claim(Suspect("a", 3, "b"), 0.1) == [Broadcast(Suspect("a", 3, "b"))]
     assert m.on_claim(Suspect("a", 3, "b"), 0.11) == []        # the same claim again
-    assert m.state_of("a") is State.SUSPECT
+    assert m.state_of("a") is MemberState.SUSPECT
     assert m.on_claim(Alive("a", 3, "a"), 0.12) == []          # not higher: no refutation
-    assert m.state_of("a") is State.SUSPECT
+    assert m.state_of("a") is MemberState.SUSPECT
     assert m.on_claim(Alive("a", 4, "a"), 0.13) == [Broadcast(Alive("a", 4, "a"))]
-    assert m.state_of("a") is State.ALIVE
+    assert m.state_of("a") is MemberState.ALIVE
     kinds = [(e.kind, e.incarnation) for e in m.events.drain()]
     assert kinds == [("up", 3), ("suspect", 3), ("up", 4)]
     assert m.history[-1].reason == "alive by a at incarnation 4"
@@ -332,7 +344,7 @@ def test_on_claim_when_dead_then_down_and_stale_suspect_after_that_ignored():
     assert m.on_claim(Dead("a", 2, "b"), 0.1) == [Broadcast(Dead("a", 2, "b"))]
     assert m.on_claim(Suspect("a", 2, "c"), 0.2) == []
     assert m.on_claim(Suspect("a", 1, "c"), 0.2) == []
-    assert m.state_of("a") is State.DEAD
+    assert m.state_of("a") is MemberState.DEAD
     assert m.dropped == {"ignored:suspect_claim@dead": 1, "stale_claim": 1}
 
 
@@ -344,7 +356,7 @@ def test_on_heartbeat_when_dead_member_speaks_at_same_incarnation_then_told_to_r
     assert actions == [Send("a", Dead("a", 2, "me"))]
     assert m.on_heartbeat(_hb("a", inc=2, seq=3), 0.21) == []   # rate-limited
     m.on_heartbeat(_hb("a", inc=3, seq=4), 0.3)
-    assert m.state_of("a") is State.ALIVE
+    assert m.state_of("a") is MemberState.ALIVE
     assert m.history[-1].reason == "heartbeat at incarnation 3 > 2"
 
 
@@ -367,10 +379,10 @@ def test_leave_when_called_then_left_broadcast_and_peers_mark_left_then_reap():
     assert action == Broadcast(Left("me", 1, "me"))
     assert m.tick(1.1) == [] and m.leave(1.2) == []
     peer.on_claim(action.frame, 1.0)
-    assert peer.state_of("me") is State.LEFT
+    assert peer.state_of("me") is MemberState.LEFT
     assert "me" not in peer.reachable(1.0)
     peer.tick(1.0 + CFG.dead_node_reap_s)
-    assert peer.state_of("me") is State.UNKNOWN and peer.member("me") is None
+    assert peer.state_of("me") is MemberState.UNKNOWN and peer.member("me") is None
     assert [e.kind for e in peer.events.drain()] == ["up", "left", "reaped"]
 
 
@@ -383,15 +395,17 @@ def test_tick_when_time_passes_then_heartbeats_every_interval_with_growing_seq()
     assert seqs == list(range(1, 21))   # 1.0 s at 50 ms
 
 
-def test_tick_when_view_changes_then_view_broadcast_at_once_with_matching_digest():
+def test_tick_when_view_changes_then_view_broadcast_soon_with_matching_digest():
     m = _me()
     m.tick(0.0)
     m.on_heartbeat(_hb("a"), 0.001)
-    views = _frames(m.tick(0.002), View)
-    assert len(views) == 1 and views[0].reachable == {"a": True}
+    assert _frames(m.tick(0.002), View) == []                 # rate limit: half an interval
+    views = _frames(m.tick(CFG.heartbeat_interval_s / 2), View)
+    assert len(views) == 1 and views[0].reachable == {"a": True}   # before gossip_interval_s
     [hb] = _frames(m.tick(0.05), Heartbeat)
     assert hb.view_digest == views[0].digest
     assert _frames(m.tick(0.06), View) == []                   # unchanged, not yet due
+    assert len(_frames(m.tick(0.025 + CFG.gossip_interval_s), View)) == 1  # periodic
 
 
 def test_tick_when_phi_crosses_then_ping_req_to_k_helpers_and_an_ack_keeps_it_alive():
@@ -408,7 +422,7 @@ def test_tick_when_phi_crosses_then_ping_req_to_k_helpers_and_an_ack_keeps_it_al
             assert {a.frame.target for a in reqs} == {"x"}
             first = reqs[0]                         # one helper still hears x
             m.on_ack(Ack(first.to, "x", first.frame.nonce, 1, True), t + 0.002)
-    assert m.state_of("x") is State.ALIVE
+    assert m.state_of("x") is MemberState.ALIVE
     assert [e.kind for e in m.events.drain() if e.node_id == "x"] == ["up"]
     assert len(rounds) > 5 and all(len(r) == CFG.indirect_probes for r in rounds)
     assert m.reachable(t)["x"] is False             # still reported as not heard directly
@@ -418,7 +432,7 @@ def test_probe_when_no_helper_hears_target_then_suspect_broadcast_and_down_after
     m = _me()
     _feed(m, ["a", "b", "c", "x"], 0.0, 2.0)
     t, probe_reqs, suspects = 2.0, [], []
-    while m.state_of("x") is not State.SUSPECT:
+    while m.state_of("x") is not MemberState.SUSPECT:
         t += CFG.tick_interval_s
         for n in "abc":
             m.on_heartbeat(_hb(n, seq=int(t * 100), t=t), t)
@@ -433,7 +447,7 @@ def test_probe_when_no_helper_hears_target_then_suspect_broadcast_and_down_after
     assert suspects == [Suspect("x", 1, "me")]
     assert m.local_health == 0                  # every helper answered: not our fault
     t_suspect = t
-    while m.state_of("x") is State.SUSPECT:
+    while m.state_of("x") is MemberState.SUSPECT:
         t += CFG.tick_interval_s
         dead = _frames(m.tick(t), Dead)
     assert dead == [Dead("x", 1, "me")]
@@ -449,7 +463,7 @@ def test_suspicion_when_confirmed_by_k_peers_then_timeout_shrinks_to_minimum():
         for n in confirmers:
             m.on_claim(Suspect("x", 1, n), 1.0)
         t, seq = 1.0, 100
-        while m.state_of("x") is State.SUSPECT:   # we still hear x (at the suspected
+        while m.state_of("x") is MemberState.SUSPECT:   # we still hear x (at the suspected
             t += 0.001                            # incarnation), so we never confirm
             if round(t * 1000) % 50 == 0:
                 seq += 1
@@ -493,7 +507,7 @@ def test_local_health_when_helpers_do_not_answer_then_score_rises_and_decays():
     m = _me()
     _feed(m, ["a", "b", "c", "x"], 0.0, 2.0)
     t = 2.0
-    while m.state_of("x") is not State.SUSPECT:   # helpers never answer at all
+    while m.state_of("x") is not MemberState.SUSPECT:   # helpers never answer at all
         t += CFG.tick_interval_s
         for n in "abc":
             m.on_heartbeat(_hb(n, seq=int(t * 100), t=t), t)
@@ -527,13 +541,13 @@ def test_transitions_when_random_inputs_then_history_only_follows_the_table_prop
         else:
             m.tick(t)
     assert len(m.history) > 50
-    last: dict[str, State] = {}
+    last: dict[str, MemberState] = {}
     for rec in m.history:
         assert TRANSITIONS[(rec.from_state, rec.trigger)] is rec.to_state
-        assert last.get(rec.node_id, State.UNKNOWN) is rec.from_state  # records chain up
+        assert last.get(rec.node_id, MemberState.UNKNOWN) is rec.from_state  # records chain up
         last[rec.node_id] = rec.to_state
     for node in peers:
-        assert m.state_of(node) is last.get(node, State.UNKNOWN)
+        assert m.state_of(node) is last.get(node, MemberState.UNKNOWN)
 
 
 def test_event_queue_when_delivered_then_in_order_one_at_a_time_despite_a_failing_listener():

@@ -71,14 +71,15 @@ from topology.frames import (
 from topology.phi import PhiAccrualDetector, phi_many
 
 __all__ = [
-    "TRANSITIONS", "Action", "Broadcast", "EventQueue", "MemberInfo", "Membership",
-    "MembershipEvent", "Send", "State", "Transition", "Trigger", "initial_incarnation",
+    "EVENT_KINDS", "TRANSITIONS", "Action", "Broadcast", "EventQueue", "MemberInfo",
+    "MemberState", "MemberTrigger", "Membership", "MembershipEvent", "Send", "Transition",
+    "initial_incarnation",
 ]
 
 log = logging.getLogger(__name__)
 
 
-class State(StrEnum):
+class MemberState(StrEnum):
     UNKNOWN = "unknown"  # never heard from, or reaped: not in the table
     ALIVE = "alive"
     SUSPECT = "suspect"
@@ -86,7 +87,7 @@ class State(StrEnum):
     LEFT = "left"
 
 
-class Trigger(StrEnum):
+class MemberTrigger(StrEnum):
     HEARD = "heard"                          # first heartbeat from a member
     REFUTED = "refuted"                      # alive evidence at a higher incarnation
     PROBE_FAILED = "probe_failed"            # our probe: no direct heartbeat, no helper ack
@@ -97,9 +98,9 @@ class Trigger(StrEnum):
     REAPED = "reaped"                        # dead or left for dead_node_reap_s: forgotten
 
 
-S, T = State, Trigger
+S, T = MemberState, MemberTrigger
 #: The whole membership state machine. Anything else is ignored (``dropped["ignored:..."]``).
-TRANSITIONS: Mapping[tuple[State, Trigger], State] = {
+TRANSITIONS: Mapping[tuple[MemberState, MemberTrigger], MemberState] = {
     (S.UNKNOWN, T.HEARD): S.ALIVE,
     (S.ALIVE, T.PROBE_FAILED): S.SUSPECT,
     (S.ALIVE, T.SUSPECT_CLAIM): S.SUSPECT,
@@ -116,10 +117,10 @@ TRANSITIONS: Mapping[tuple[State, Trigger], State] = {
     (S.LEFT, T.REAPED): S.UNKNOWN,
 }
 #: Event kind published on entering each state.
-EVENT_KINDS: Mapping[State, str] = {S.ALIVE: "up", S.SUSPECT: "suspect", S.DEAD: "down",
+EVENT_KINDS: Mapping[MemberState, str] = {S.ALIVE: "up", S.SUSPECT: "suspect", S.DEAD: "down",
                                     S.LEFT: "left", S.UNKNOWN: "reaped"}
-_CLAIM_FOR: Mapping[State, type[Claim]] = {S.ALIVE: Alive, S.SUSPECT: Suspect, S.DEAD: Dead,
-                                           S.LEFT: Left}
+_CLAIM_FOR: Mapping[MemberState, type[Claim]] = {
+    S.ALIVE: Alive, S.SUSPECT: Suspect, S.DEAD: Dead, S.LEFT: Left}
 
 
 def initial_incarnation(wall_s: float) -> int:
@@ -166,9 +167,9 @@ class MembershipEvent:
 class Transition:
     ts_s: float
     node_id: str
-    from_state: State
-    to_state: State
-    trigger: Trigger
+    from_state: MemberState
+    to_state: MemberState
+    trigger: MemberTrigger
     reason: str
 
 
@@ -232,7 +233,7 @@ class MemberInfo:
 
     node_id: str
     site: str
-    state: State
+    state: MemberState
     incarnation: int
     since_s: float
     phi: float
@@ -264,7 +265,7 @@ class _Member:
     node_id: str
     site: str
     detector: PhiAccrualDetector
-    state: State = State.UNKNOWN
+    state: MemberState = MemberState.UNKNOWN
     incarnation: int = 0
     detector_incarnation: int = -1
     since_s: float = 0.0
@@ -317,6 +318,7 @@ class Membership:
         self._view_seq = 0
         self._next_heartbeat_s = -math.inf
         self._next_view_s = -math.inf
+        self._last_view_s = -math.inf
         self._view_digest: int | None = None
         self._local_health = 0
         self._health_changed_s = 0.0
@@ -338,9 +340,9 @@ class Membership:
     def local_health(self) -> int:
         return self._local_health
 
-    def state_of(self, node_id: str) -> State:
+    def state_of(self, node_id: str) -> MemberState:
         m = self._members.get(node_id)
-        return m.state if m else State.UNKNOWN
+        return m.state if m else MemberState.UNKNOWN
 
     def member(self, node_id: str, now_s: float | None = None) -> MemberInfo | None:
         m = self._members.get(node_id)
@@ -351,7 +353,9 @@ class Membership:
                           m.detector.last_heartbeat_s)
 
     def members(self, now_s: float | None = None) -> list[MemberInfo]:
-        return [self.member(n, now_s) for n in sorted(self._members)]  # type: ignore[misc]
+        """Snapshots of every member, by node id (phi NaN unless ``now_s`` is given)."""
+        infos = (self.member(n, now_s) for n in sorted(self._members))
+        return [i for i in infos if i is not None]
 
     def phis(self, now_s: float) -> dict[str, float]:
         """Phi of every member at ``now_s``, computed in one vectorized call."""
@@ -367,10 +371,10 @@ class Membership:
         """Whom we hear directly now (phi below threshold), for our View: every member but
         those that left. DEAD, SUSPECT-and-silent and never-heard members are False."""
         return {n: self._hears(m, now_s) for n, m in sorted(self._members.items())
-                if m.state is not State.LEFT}
+                if m.state is not MemberState.LEFT}
 
     def _hears(self, m: _Member, now_s: float) -> bool:
-        return (m.state in (State.ALIVE, State.SUSPECT)
+        return (m.state in (MemberState.ALIVE, MemberState.SUSPECT)
                 and m.detector.last_heartbeat_s is not None and m.detector.is_available(now_s))
 
     # -- input ----------------------------------------------------------------------------------
@@ -404,16 +408,16 @@ class Membership:
             m.detector_incarnation = hb.incarnation
         m.detector.heartbeat(now_s)
         actions: list[Action] = []
-        if m.state is State.UNKNOWN:
-            self._transition(m, Trigger.HEARD, now_s, f"first heartbeat at incarnation "
-                                                      f"{hb.incarnation}")
+        if m.state is MemberState.UNKNOWN:
+            self._transition(m, MemberTrigger.HEARD, now_s,
+                             f"first heartbeat at incarnation {hb.incarnation}")
         elif hb.incarnation > m.incarnation:
             old = m.incarnation
             m.incarnation = hb.incarnation
-            if m.state is not State.ALIVE:
-                self._transition(m, Trigger.REFUTED, now_s,
+            if m.state is not MemberState.ALIVE:
+                self._transition(m, MemberTrigger.REFUTED, now_s,
                                  f"heartbeat at incarnation {hb.incarnation} > {old}")
-        elif m.state in (State.SUSPECT, State.DEAD) and now_s - m.last_nudge_s >= \
+        elif m.state in (MemberState.SUSPECT, MemberState.DEAD) and now_s - m.last_nudge_s >= \
                 self.config.probe_timeout_s:
             # It talks at the incarnation we hold against it: tell it, so it refutes.
             m.last_nudge_s = now_s
@@ -444,11 +448,11 @@ class Membership:
             if claim.incarnation == m.incarnation:
                 return self._drop("duplicate_claim")
             m.incarnation = claim.incarnation
-            if m.state is not State.ALIVE:
-                self._transition(m, Trigger.REFUTED, now_s, why)
+            if m.state is not MemberState.ALIVE:
+                self._transition(m, MemberTrigger.REFUTED, now_s, why)
             return relay
         s = m.suspicion
-        if isinstance(claim, Suspect) and m.state is State.SUSPECT and s is not None:
+        if isinstance(claim, Suspect) and m.state is MemberState.SUSPECT and s is not None:
             if claim.incarnation == s.incarnation:
                 if claim.by in s.confirmers:
                     return self._drop("duplicate_claim")
@@ -457,16 +461,16 @@ class Membership:
             m.incarnation = claim.incarnation  # suspected again, at a newer incarnation
             self._start_suspicion(m, claim.by, now_s)
             return relay
-        trigger = {Suspect: Trigger.SUSPECT_CLAIM, Dead: Trigger.DEAD_CLAIM,
-                   Left: Trigger.LEFT_CLAIM}[type(claim)]
-        if claim.incarnation == m.incarnation and m.state is State(claim.KIND):
+        trigger = {Suspect: MemberTrigger.SUSPECT_CLAIM, Dead: MemberTrigger.DEAD_CLAIM,
+                   Left: MemberTrigger.LEFT_CLAIM}[type(claim)]
+        if claim.incarnation == m.incarnation and m.state is MemberState(claim.KIND):
             return self._drop("duplicate_claim")
         if (m.state, trigger) not in TRANSITIONS:  # e.g. a Suspect about a DEAD member
             self.dropped[f"ignored:{trigger}@{m.state}"] += 1
             return []
         m.incarnation = claim.incarnation
         self._transition(m, trigger, now_s, why)
-        if trigger is Trigger.SUSPECT_CLAIM:
+        if trigger is MemberTrigger.SUSPECT_CLAIM:
             self._start_suspicion(m, claim.by, now_s)
         return relay
 
@@ -478,7 +482,7 @@ class Membership:
             return [Send(req.by, Ack(self.node_id, self.node_id, req.nonce, self._incarnation,
                                      True))]
         m = self._members.get(req.target)
-        if m is None or m.state in (State.DEAD, State.LEFT):
+        if m is None or m.state in (MemberState.DEAD, MemberState.LEFT):
             return [Send(req.by, Ack(self.node_id, req.target, req.nonce,
                                      m.incarnation if m else 0, False))]
         last = m.detector.last_heartbeat_s
@@ -527,11 +531,16 @@ class Membership:
             self._next_heartbeat_s += cfg.heartbeat_interval_s
             if self._next_heartbeat_s <= now_s:  # fell behind by more than an interval
                 self._next_heartbeat_s = now_s + cfg.heartbeat_interval_s
-        if digest != self._view_digest or now_s >= self._next_view_s:
+        # A changed view goes out at once, but at most every half heartbeat interval, so a
+        # peer whose phi hovers at the threshold cannot make us flood Views.
+        changed = digest != self._view_digest and \
+            now_s - self._last_view_s >= cfg.heartbeat_interval_s / 2
+        if changed or now_s >= self._next_view_s:
             self._view_seq += 1
             actions.append(Broadcast(View(self.node_id, self._incarnation, self._view_seq,
                                           reach, digest)))
             self._view_digest = digest
+            self._last_view_s = now_s
             self._next_view_s = now_s + cfg.gossip_interval_s
         for m in list(self._members.values()):
             if self._should_probe(m, now_s):
@@ -554,16 +563,16 @@ class Membership:
                 del self._relays[target]
         for m in list(self._members.values()):
             s = m.suspicion
-            if m.state is State.SUSPECT and s is not None and now_s >= s.deadline_s(cfg):
+            if m.state is MemberState.SUSPECT and s is not None and now_s >= s.deadline_s(cfg):
                 confirmations = len(s.confirmers - {s.first})
-                self._transition(m, Trigger.SUSPICION_EXPIRED, now_s,
+                self._transition(m, MemberTrigger.SUSPICION_EXPIRED, now_s,
                                  f"suspected for {now_s - s.started_s:.3f} s at incarnation "
                                  f"{m.incarnation} ({confirmations} confirmations), "
                                  "not refuted")
                 actions.append(Broadcast(Dead(m.node_id, m.incarnation, self.node_id)))
-            elif m.state in (State.DEAD, State.LEFT) and \
+            elif m.state in (MemberState.DEAD, MemberState.LEFT) and \
                     now_s - m.since_s >= cfg.dead_node_reap_s:
-                self._transition(m, Trigger.REAPED, now_s,
+                self._transition(m, MemberTrigger.REAPED, now_s,
                                  f"{m.state} for {now_s - m.since_s:.1f} s")
                 del self._members[m.node_id]
         if self._local_health and now_s - self._health_changed_s >= cfg.suspicion_max_s:
@@ -574,7 +583,7 @@ class Membership:
     # -- probing --------------------------------------------------------------------------------
 
     def _should_probe(self, m: _Member, now_s: float) -> bool:
-        if m.state not in (State.ALIVE, State.SUSPECT) or m.node_id in self._probing:
+        if m.state not in (MemberState.ALIVE, MemberState.SUSPECT) or m.node_id in self._probing:
             return False
         if m.suspicion is not None and self.node_id in m.suspicion.confirmers:
             return False  # we already confirmed this suspicion
@@ -582,8 +591,8 @@ class Membership:
                 and not m.detector.is_available(now_s))
 
     def _start_probe(self, m: _Member, now_s: float) -> list[Action]:
-        candidates = sorted(n for n, p in self._members.items()
-                            if n != m.node_id and p.state is State.ALIVE and self._hears(p, now_s))
+        candidates = sorted(n for n, p in self._members.items() if n != m.node_id
+                            and p.state is MemberState.ALIVE and self._hears(p, now_s))
         k = min(self.config.indirect_probes, len(candidates))
         helpers = tuple(self._rng.sample(candidates, k)) if k else ()
         nonce = self._next_nonce
@@ -615,13 +624,13 @@ class Membership:
             self._health(-1, now_s)   # every helper answered "cannot hear it": we are fine
         if m is None or m.incarnation != probe.incarnation:
             return []
-        if m.state is State.ALIVE:
+        if m.state is MemberState.ALIVE:
             last = m.detector.last_heartbeat_s or now_s
             why = (f"silent for {now_s - last:.3f} s (phi {m.detector.phi(now_s):.1f}); "
                    f"{len(probe.helpers)} helpers, none heard it")
-            self._transition(m, Trigger.PROBE_FAILED, now_s, why)
+            self._transition(m, MemberTrigger.PROBE_FAILED, now_s, why)
             self._start_suspicion(m, self.node_id, now_s)
-        elif m.state is State.SUSPECT and m.suspicion is not None:
+        elif m.state is MemberState.SUSPECT and m.suspicion is not None:
             m.suspicion.confirmers.add(self.node_id)  # our own, independent confirmation
         else:
             return []
@@ -629,7 +638,7 @@ class Membership:
 
     def _start_suspicion(self, m: _Member, first: str, now_s: float) -> None:
         others = sum(1 for n, p in self._members.items()
-                     if p.state is State.ALIVE and n not in (m.node_id, first))
+                     if p.state is MemberState.ALIVE and n not in (m.node_id, first))
         if first != self.node_id:
             others += 1  # we can confirm too
         m.suspicion = _Suspicion(m.incarnation, now_s, first, {first},
@@ -658,7 +667,7 @@ class Membership:
 
     # -- the one place state changes ------------------------------------------------------------
 
-    def _transition(self, m: _Member, trigger: Trigger, now_s: float, reason: str) -> bool:
+    def _transition(self, m: _Member, trigger: MemberTrigger, now_s: float, reason: str) -> bool:
         to = TRANSITIONS.get((m.state, trigger))
         if to is None:
             self.dropped[f"ignored:{trigger}@{m.state}"] += 1
@@ -667,7 +676,7 @@ class Membership:
         log.debug("%s: %s %s -> %s (%s)", self.node_id, m.node_id, m.state, to, reason)
         m.state = to
         m.since_s = now_s
-        if to is not State.SUSPECT:
+        if to is not MemberState.SUSPECT:
             m.suspicion = None
         self.events.put(MembershipEvent(EVENT_KINDS[to], m.node_id, m.site, m.incarnation,
                                         now_s, reason))
