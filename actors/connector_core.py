@@ -19,6 +19,7 @@ of the intent, so a restart can never mint a second label for one intent and nev
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -244,3 +245,8 @@ class TopOfBook:
     def best(self, name: str) -> tuple[float, float]:
         bids, asks = self.bids.get(name, {}), self.asks.get(name, {})
         return (max(bids) if bids else math.nan, min(asks) if asks else math.nan)
+
+
+def reconnect_delay_s(attempt: int, max_s: float, first_s: float = 0.05) -> float:
+    """Capped exponential backoff with full-range jitter in [50 %, 100 %] of the step."""
+    return min(max_s, first_s * 2 ** min(attempt, 10)) * random.uniform(0.5, 1.0)

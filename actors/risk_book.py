@@ -25,6 +25,8 @@ window is live too: it starts empty after a restart.
 from __future__ import annotations
 
 import math
+import time
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -42,7 +44,7 @@ from actors.limits import (
     check,
     evaluate,
 )
-from actors.risk import RiskConfig, RiskState
+from actors.risk import RiskConfig, RiskState, parse_contract
 from actors.venue.clock import Clock, WallClock
 from supervisors import EventSourced
 
@@ -62,6 +64,68 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+class MarketDataLag:
+    """How late market data reaches the risk numbers. Per batch that carries venue event times
+    (the connector's conflated L1 batches: ``first_event_ts`` / ``last_event_ts`` per
+    instrument, ``events`` merged), the lag of its OLDEST event (the worst any event waited)
+    and of its newest, after the batch has been applied; the last ``keep`` of each."""
+
+    def __init__(self, keep: int = 20_000) -> None:
+        self.batches = 0
+        self.events = 0
+        self.oldest_lag_s: deque[float] = deque(maxlen=keep)
+        self.newest_lag_s: deque[float] = deque(maxlen=keep)
+
+    def record(self, batch: object, now_s: float) -> None:
+        self.batches += 1
+        if not isinstance(batch, Mapping) or "first_event_ts" not in batch:
+            return
+        try:
+            first = np.asarray(batch["first_event_ts"], dtype=np.float64)
+            last = np.asarray(batch["last_event_ts"], dtype=np.float64)
+            self.events += int(np.asarray(batch.get("events", [len(first)])).sum())
+        except (TypeError, ValueError):
+            return
+        if first.size and np.isfinite(first).all() and np.isfinite(last).all():
+            self.oldest_lag_s.append(now_s - float(first.min()))
+            self.newest_lag_s.append(now_s - float(last.max()))
+
+    def stats(self) -> dict[str, Any]:
+        return {"batches": self.batches, "events": self.events,
+                "oldest_lag_s": list(self.oldest_lag_s),
+                "newest_lag_s": list(self.newest_lag_s)}
+
+
+def with_option_underlyings(batch: object, index: Mapping[str, float]) -> object:
+    """The batch with an underlying for each option row. A connector that sees only books
+    sends an option's own mid (in coin) as its ``index_price``: valued on that, the option's
+    Greeks are nonsense and the row would move its coin's index. So unless the batch has an
+    ``underlying_price`` column, an option row gets the mark of a perpetual of its coin in the
+    same batch, else ``index[coin]`` (the last index the book has), else NaN (the row is then
+    refused), as both ``index_price`` and ``underlying_price``. Other batches pass as they are
+    (a malformed one is refused by ``RiskState.on_marks``)."""
+    if not isinstance(batch, Mapping) or "underlying_price" in batch or not all(
+            k in batch for k in ("instrument", "mark_price", "index_price")):
+        return batch
+    try:
+        names = np.asarray(batch["instrument"])
+        mark = np.asarray(batch["mark_price"], dtype=np.float64)
+        underlying = np.array(batch["index_price"], dtype=np.float64)
+    except (TypeError, ValueError):
+        return batch
+    if names.ndim != 1 or mark.shape != names.shape or underlying.shape != names.shape:
+        return batch
+    contracts = [parse_contract(str(n)) for n in names]
+    if not any(c is not None and c.is_option for c in contracts):
+        return batch
+    perps = {c.base: float(mark[i]) for i, c in enumerate(contracts)
+             if c is not None and c.kind == "perpetual"}
+    for i, c in enumerate(contracts):
+        if c is not None and c.is_option:
+            underlying[i] = perps.get(c.base, index.get(c.base, math.nan))
+    return {**batch, "index_price": underlying, "underlying_price": underlying}
 
 
 class RiskBook(EventSourced):
@@ -84,6 +148,7 @@ class RiskBook(EventSourced):
         self._clock: Clock = clock or WallClock()
         self._marks_version = 0
         self._measures_cache: tuple[tuple[int, int], Any] | None = None
+        self._md = MarketDataLag()
 
     # ---- EventSourced --------------------------------------------------------------------
     def apply(self, event: Any) -> None:
@@ -129,10 +194,11 @@ class RiskBook(EventSourced):
         """Take one batch of marks (never call this per tick). ``ts_s``: the batch time; by
         default the batch's ``timestamp`` column (ms, the latest) or the clock."""
         ts = self._batch_ts(batch) if ts_s is None else float(ts_s)
-        result = self.risk.on_marks(batch, ts)
+        result = self.risk.on_marks(with_option_underlyings(batch, self.risk.index), ts)
         self._marks_version += 1
         self._measures_cache = None
         self._evaluate(ts)
+        self._md.record(batch, time.time())
         return {"applied": result.applied, "rejected": result.rejected,
                 "ignored": result.ignored, "trading_state": self.machine.state.value}
 
@@ -204,6 +270,11 @@ class RiskBook(EventSourced):
         return {"changed": to is not None, "trading_state": self.machine.state.value}
 
     # ---- queries ---------------------------------------------------------------------------
+    def market_data_stats(self) -> dict[str, Any]:
+        """Batches and events taken, and venue event -> risk updated latency (see
+        :class:`MarketDataLag`)."""
+        return self._md.stats()
+
     def positions(self) -> list[dict[str, Any]]:
         return jsonable(self.risk.position_rows())
 

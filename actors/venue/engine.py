@@ -636,6 +636,16 @@ class VenueEngine:
             return self._reject(reject("Invalid params", "depth_invalid", "depth"))
         return self._publisher.book_dict(self._books[instrument_name], depth)
 
+    def touch(self, instrument_name: str) -> tuple[float | None, float, float | None, float]:
+        """Best ``(bid, bid_amount, ask, ask_amount)`` as clients currently see them (None: an
+        empty side); no gate and no counters: the binary feed reads it every few ms."""
+        inst = self._instruments[instrument_name]
+        view = self._publisher.view(instrument_name)
+        bids, asks = view.levels(inst, True, 1), view.levels(inst, False, 1)
+        bid, bid_amount = bids[0] if bids else (None, 0.0)
+        ask, ask_amount = asks[0] if asks else (None, 0.0)
+        return bid, bid_amount, ask, ask_amount
+
     def ticker(self, instrument_name: str) -> dict[str, object] | Rejection:
         result = self.get_order_book(instrument_name, 1)
         if isinstance(result, dict):

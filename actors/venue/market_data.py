@@ -282,16 +282,34 @@ class ReplaySource:
                 raise MarketDataError("ReplayConfig", "series.instrument_name",
                                       s.instrument_name, "not a listed instrument")
         frames: dict[Path, pd.DataFrame] = {}
+        #: median bar volume of each whole file (before the window): the yardstick of how busy
+        #: the market is at a replayed bar (``activity``)
+        self.median_volume: dict[Path, float] = {}
         for path in dict.fromkeys(Path(s.path) for s in config.series):
             df, skipped = load_ohlcv(path)
             self.stats.rows_read += len(df) + sum(skipped.values())
             self.stats.rows_skipped.update(skipped)
+            median = float(df["volume"].median()) if len(df) else 0.0
+            self.median_volume[path] = median if np.isfinite(median) and median > 0 else 1.0
             if config.start_s is not None:
                 df = df[df["ts_s"] >= config.start_s]
             if config.end_s is not None:
                 df = df[df["ts_s"] < config.end_s]
             frames[path] = df.reset_index(drop=True)
         self._frames = frames
+        self._activity_of: dict[str, float] = {}
+
+    def activity(self, tick: Tick) -> float | None:
+        """How busy the market is at this tick: its bar's volume over the file's median bar
+        volume (1.0 = a median minute; a crash minute is often 10x or more)."""
+        ref = self._activity_of.get(tick.instrument_name)
+        if not ref:
+            return None
+        volume = tick.last_amount
+        inst = self._instruments[tick.instrument_name]
+        if inst.has_inverse_pnl and tick.last_price:
+            volume /= tick.last_price  # ticks carry inverse volume in USD
+        return volume / ref
 
     def frame(self, path: Path | str) -> pd.DataFrame:
         """The clean bars replayed from ``path`` (after the window)."""
@@ -307,6 +325,8 @@ class ReplaySource:
             close = df["close"].to_numpy()[bar]
             range_bps = (df["high"].to_numpy() - df["low"].to_numpy())[bar] / close * 1e4
             volume = df["volume"].to_numpy()[bar] / cfg.steps_per_bar
+            self._activity_of[s.instrument_name] = self.median_volume[Path(s.path)] / (
+                cfg.steps_per_bar)
             parts.append((ts, np.full(len(ts), k), price, range_bps, volume))
         ts_all = np.concatenate([p[0] for p in parts])
         series = np.concatenate([p[1] for p in parts])

@@ -10,7 +10,9 @@ ready line (``VENUE_READY ws=<url> http=<url>``) it prints once listening; keys 
 
     serve --name NAME [--port PORT] [--data FILE] [--seed S] [--keys FILE] [--synthetic]
           [--speedup X] [--options] [--latency-s S] [--min-heartbeat-s S]
-          [--cod-cancels-account-orders] [--max-queue-messages N] [--exit-with-parent]
+          [--cod-cancels-account-orders] [--max-queue-messages N] [--l1-load-rate N]
+          [--replay-from ISO_TIME]
+          [--exit-with-parent]
 
 ``--keys`` is a JSON object ``{client_id: client_secret}``; without it one key is generated and
 written to a 0600 file whose path is printed (the secret itself is never printed). The server
@@ -38,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from actors.venue.l1_feed import L1_PATH
 from actors.venue.server import ServerConfig, VenueServer
 
 READY_PREFIX = "VENUE_READY "
@@ -70,12 +73,18 @@ class VenueProcess:
     def port(self) -> int:
         return int(self.http_url.rsplit(":", 1)[1])
 
+    @property
+    def l1_url(self) -> str:
+        """The binary top-of-book feed (``actors.venue.l1_feed``)."""
+        return self.http_url.replace("http://", "ws://", 1) + L1_PATH
+
     @classmethod
     def start(cls, name: str, port: int = 0, data: Path | str | None = None, seed: int = 0,
               keys: Mapping[str, str] | None = None, speedup: float = 60.0,
               synthetic: bool = False, *, options: bool = False, latency_s: float = 0.0,
               min_heartbeat_s: float | None = None, cod_cancels_account_orders: bool = False,
-              max_queue_messages: int | None = None,
+              max_queue_messages: int | None = None, l1_load_rate_per_s: float = 0.0,
+              replay_from: str | None = None,
               start_timeout_s: float = 30.0, stop_timeout_s: float = 10.0,
               python: str | None = None, log_path: Path | None = None) -> VenueProcess:
         """Start the server process and wait until it listens. Without ``keys`` one key is
@@ -103,6 +112,10 @@ class VenueProcess:
             argv.append("--cod-cancels-account-orders")
         if max_queue_messages is not None:
             argv += ["--max-queue-messages", str(max_queue_messages)]
+        if replay_from is not None:
+            argv += ["--replay-from", replay_from]
+        if l1_load_rate_per_s:
+            argv += ["--l1-load-rate", repr(float(l1_load_rate_per_s))]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
         if log_path is None:
@@ -226,9 +239,26 @@ def _parser() -> argparse.ArgumentParser:
                        help="cancel-on-disconnect cancels every open order of the account")
     serve.add_argument("--max-queue-messages", type=int, default=2000,
                        help="per-connection outgoing queue (market data is conflated)")
+    serve.add_argument("--replay-from", type=_utc_epoch_s, metavar="ISO_TIME",
+                       help="replay from this bar on, e.g. 2021-05-19T12:55Z")
+    serve.add_argument("--l1-load-rate", type=float, default=0.0, metavar="EVENTS_PER_S",
+                       help="extra top-of-book events/s on the binary feed (load generator)")
     serve.add_argument("--exit-with-parent", action="store_true",
                        help="stop when the parent process exits (used by VenueProcess)")
     return parser
+
+
+def _utc_epoch_s(text: str) -> float:
+    """``2021-05-19T12:55Z`` (or any ISO-8601 time; naive means UTC) as epoch seconds."""
+    import datetime as dt
+
+    try:
+        when = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO-8601 time: {text!r}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return when.timestamp()
 
 
 def _load_keys(path: Path | None, name: str) -> tuple[dict[str, str], Path | None]:
@@ -289,7 +319,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         synthetic=args.synthetic, speedup=args.speedup, with_options=args.options,
         latency_s=args.latency_s, heartbeat_min_interval_s=args.min_heartbeat_s,
         cod_cancels_account_orders=args.cod_cancels_account_orders,
-        max_queue_messages=args.max_queue_messages)
+        max_queue_messages=args.max_queue_messages, l1_load_rate_per_s=args.l1_load_rate,
+        replay_start_s=args.replay_from)
     asyncio.run(_serve(config, generated, args.exit_with_parent))
     return 0
 

@@ -72,6 +72,7 @@ from actors.venue.jsonrpc import (
     reply,
     websocket_only,
 )
+from actors.venue.l1_feed import L1_PATH, L1FeedHub, Touch
 from actors.venue.market_data import (
     MarketDataSource,
     OptionChainQuoter,
@@ -122,6 +123,9 @@ class ServerConfig:
     with_options: bool = False
     latency_s: float = 0.0
     md_interval_s: float = 0.05
+    l1_load_rate_per_s: float = 0.0
+    replay_start_s: float | None = None
+    l1_interval_s: float = 0.005
     heartbeat_min_interval_s: float = 10.0
     max_frame_bytes: int = 64 * 1024
     max_queue_messages: int = 2000
@@ -141,10 +145,16 @@ class ServerConfig:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ServerConfigError("port", self.port, "must be an int in 0..65535")
         for name in ("speedup", "md_interval_s", "heartbeat_min_interval_s", "token_ttl_s",
-                     "max_clock_skew_s"):
+                     "max_clock_skew_s", "l1_interval_s"):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
                 raise ServerConfigError(name, value, "must be finite and > 0")
+        start = self.replay_start_s
+        if start is not None and (not isinstance(start, int | float) or not math.isfinite(start)):
+            raise ServerConfigError("replay_start_s", start, "must be a finite epoch time")
+        rate = self.l1_load_rate_per_s
+        if not isinstance(rate, int | float) or not math.isfinite(rate) or not 0 <= rate <= 1e7:
+            raise ServerConfigError("l1_load_rate_per_s", rate, "must be in [0, 1e7]")
         if not isinstance(self.latency_s, int | float) or not 0 <= self.latency_s < 60:
             raise ServerConfigError("latency_s", self.latency_s, "must be in [0, 60)")
         for name in ("max_frame_bytes", "max_queue_messages", "max_inbound_messages"):
@@ -208,6 +218,16 @@ class VenueServer:
         self._pacer = Pacer(self._source_factory(), self.clock, config.speedup)
         self._session_methods: dict[str, tuple[tuple[Param, ...], bool, bool, SessionHandler]] = {}
         self._declare_session_methods()
+        by_name = {i.instrument_name: i for i in instruments}
+
+        def touch_of(name: str) -> Touch:
+            bid, bid_amount, ask, ask_amount = self.engine.touch(name)
+            return Touch(bid, bid_amount, ask, ask_amount, by_name[name].tick_size)
+
+        self.l1 = L1FeedHub(tuple(by_name), self.auth, touch_of, lambda: self.engine.faults,
+                            load_rate_per_s=config.l1_load_rate_per_s,
+                            activity=self.market_activity,
+                            interval_s=config.l1_interval_s, seed=config.seed)
         self._runner: web.AppRunner | None = None
         self._md_task: asyncio.Task[None] | None = None
         self.port: int | None = None
@@ -216,6 +236,8 @@ class VenueServer:
     def _make_source_factory(self, instruments: tuple[Any, ...]
                              ) -> Callable[[], MarketDataSource]:
         cfg, by_name = self.config, {i.instrument_name: i for i in instruments}
+        self._replay: ReplaySource | None = None
+        self._activity: dict[str, float] = {}
 
         def make() -> MarketDataSource:
             source: MarketDataSource
@@ -224,7 +246,8 @@ class VenueServer:
                                                          start_s=self.clock.now_s()), by_name)
             else:
                 series = default_replay_series() if cfg.data is None else _series_for(cfg.data)
-                source = ReplaySource(ReplayConfig(series), by_name)
+                source = self._replay = ReplaySource(
+                    ReplayConfig(series, start_s=cfg.replay_start_s), by_name)
             if cfg.with_options:
                 source = OptionChainQuoter(source, instruments, VolSurface(),
                                            requote_interval_s=60.0)
@@ -237,6 +260,11 @@ class VenueServer:
         for batch in batches:
             self.engine.on_market_data(batch)
             self.counts["market_data"]["ticks"] += len(batch.ticks)
+            if self._replay is not None:
+                for tick in batch.ticks:
+                    level = self._replay.activity(tick)
+                    if level is not None:
+                        self._activity[tick.instrument_name] = level
         self.counts["market_data"]["batches"] += len(batches)
         if self._pacer.exhausted:
             self.counts["market_data"]["replay_restarts"] += 1
@@ -244,6 +272,12 @@ class VenueServer:
         if batches:
             self.publish()
         return len(batches)
+
+    def market_activity(self) -> float:
+        """How busy the replayed market is now (the busiest instrument's bar volume over its
+        file's median; 1.0 for synthetic data): the binary feed's load generator scales with
+        it, so a crash replays with the surge of events a crash brings."""
+        return max(self._activity.values(), default=1.0)
 
     async def _md_loop(self) -> None:
         while True:
@@ -497,6 +531,7 @@ class VenueServer:
                        "duplicate_labels": stats.duplicate_labels,
                        "ticks_applied": stats.ticks_applied,
                        "ticks_skipped": dict(stats.ticks_skipped)},
+            "l1_feed": self.l1.status(),
         }
 
     # --- WebSocket transport ------------------------------------------------------------------
@@ -680,6 +715,7 @@ class VenueServer:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=16 * self.config.max_frame_bytes)
         app.router.add_get(WS_PATH, self._ws_handler)
+        app.router.add_get(L1_PATH, self.l1.handle)
         app.router.add_route("*", "/api/v2/{scope}/{method:.+}", self._http_handler)
         return app
 
@@ -693,6 +729,7 @@ class VenueServer:
         self.port = int(self._runner.addresses[0][1])
         self.step_market_data()
         self._md_task = asyncio.get_running_loop().create_task(self._md_loop())
+        self.l1.start()
 
     @property
     def ws_url(self) -> str:
@@ -702,7 +739,13 @@ class VenueServer:
     def http_url(self) -> str:
         return f"http://{self.config.host}:{self.port}"
 
+    @property
+    def l1_url(self) -> str:
+        """The binary top-of-book feed (``l1_feed``)."""
+        return f"ws://{self.config.host}:{self.port}{L1_PATH}"
+
     async def stop(self) -> None:
+        await self.l1.stop()
         if self._md_task is not None:
             self._md_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
