@@ -64,12 +64,16 @@ NOTES = """How to read these:
   (10M Black-76 prices) is the headline and misses the 20 ms goal; netting positions per
   instrument keeps it exact and ~10x faster; the delta-gamma-vega approximation meets the goal
   but is an approximation (its VaR error is reported).
-- `marketdata`: simulator process (synthetic feed at 60000x) -> connector (WebSocket JSON-RPC,
-  change-id checks, conflation) -> subscriber actor, all on the same 2 cores. About 5k book
-  updates/s saturate the connector's event loop (a JSON parse per message); marks then reach
-  the subscriber only a few times per second (`batches_delivered_per_s`), conflated. The 200k
-  events/s goal needs a binary feed and parsing off the event loop: not done. Latency is
-  connector publish -> subscriber processed."""
+- `marketdata`: venue simulator process -> VenueConnector -> RiskBook actor, all on the same 2
+  cores. Headline (`l1_*`): the venue's binary top-of-book feed (fixed 50-byte records, many per
+  WebSocket frame; its load generator offers `offered_events_per_s`), decoded with one
+  `np.frombuffer` per frame, sequence- and value-checked vectorized, conflated per instrument and
+  published every 10 ms. Latency is venue event time -> RiskBook has applied the batch, for the
+  OLDEST event merged into each batch (`oldest`: the worst any event waited, including up to one
+  publish interval of conflation) and the newest. Baseline in the same run (`json_*`): the
+  Deribit JSON-RPC `book.*.raw` channels, one JSON parse per update (the venue replays a
+  synthetic feed 60000x as fast as it can). Drops are reported: the venue's frames dropped for a
+  slow client, duplicates, change-id gaps."""
 
 
 def _fmt(value: Any) -> str:
@@ -78,7 +82,23 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def render(results: dict[str, dict[str, Any]], command: str) -> str:
+def merge_saved(results: dict[str, dict[str, Any]], store: Path, command: str
+                ) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """The latest figures of every benchmark: those just run, and the saved ones of those not
+    run this time (``store`` is a JSON file beside the markdown). Returns figures and, per
+    benchmark, when and how they were produced."""
+    saved: dict[str, Any] = json.loads(store.read_text()) if store.is_file() else {}
+    stamp = f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, `{command}`"
+    for name, figures in results.items():
+        saved[name] = {"produced": stamp, "figures": figures}
+    store.write_text(json.dumps(saved, indent=1, default=str) + "\n")
+    ordered = [n for n in NAMES if n in saved] + [n for n in saved if n not in NAMES]
+    return ({n: saved[n]["figures"] for n in ordered},
+            {n: saved[n]["produced"] for n in ordered})
+
+
+def render(results: dict[str, dict[str, Any]], command: str,
+           produced: dict[str, str] | None = None) -> str:
     cpu = platform.processor() or platform.machine()
     lines = [
         "# Performance",
@@ -98,7 +118,10 @@ def render(results: dict[str, dict[str, Any]], command: str) -> str:
         lines += [f"| {k} | {'yes' if v else '**no**'} |" for k, v in goals]
         lines += ["", NOTES, ""]
     for name, figures in results.items():
-        lines += [f"## {name}", "", "| figure | value |", "|---|---|"]
+        lines += [f"## {name}", ""]
+        if produced and name in produced:
+            lines += [f"Produced: {produced[name]}.", ""]
+        lines += ["| figure | value |", "|---|---|"]
         lines += [f"| {k} | {_fmt(v)} |" for k, v in figures.items()]
         lines.append("")
     return "\n".join(lines)
@@ -116,8 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = run_named(name, quick=args.quick)
         print(json.dumps(results[name]), flush=True)
     if args.write:
-        command = "make bench" if not args.quick else "python -m bench.run --quick"
-        Path(args.write).write_text(render(results, command))
+        command = "python -m bench.run" + (" --quick" if args.quick else "") + (
+            f" --only {args.only}" if args.only != ",".join(NAMES) else "")
+        if command == "python -m bench.run":
+            command = "make bench"
+        target = Path(args.write)
+        merged, produced = merge_saved(results, target.with_suffix(".json"), command)
+        target.write_text(render(merged, "make bench", produced))
         print(f"wrote {args.write}")
     return 0
 

@@ -162,6 +162,30 @@ class SupervisorActor:
     def node_up(self, node_id: str) -> None:
         self._down_nodes.pop(node_id, None)
 
+    async def on_node_event(self, event: dict[str, Any]) -> list[str]:
+        """A membership event from an outside failure detector (the ZeroMQ mesh subscribes
+        the roots of its site's trees): ``{"kind": "down" | "up" | ..., "node_id": ...}``.
+        ``down`` migrates this subtree's children off the node at once (sub-supervisors are
+        told in turn); ``up`` makes the node placeable again; other kinds are ignored. Returns
+        the paths of the children moved."""
+        kind, node_id = event.get("kind"), event.get("node_id")
+        if not isinstance(node_id, str) or kind not in ("down", "up"):
+            return []
+        moved: list[str] = []
+        if kind == "down":
+            moved += await self.node_down(node_id, f"mesh: {event.get('reason') or 'down'}")
+        else:
+            self.node_up(node_id)
+        for cid in list(self._order):
+            child = self._children[cid]
+            if child.spec.is_supervisor and child.handle is not None and \
+                    child.status == "running":
+                try:
+                    moved += await _ray.call(child.handle.on_node_event.remote(event), 30.0)
+                except Exception as exc:  # noqa: BLE001 - its own watch will see a death
+                    log.warning("%s: node event to %s failed: %r", self.path, child.path, exc)
+        return moved
+
     async def describe(self) -> dict[str, Any]:
         """This supervisor and its subtree, for ``bastion status``."""
         out = {"path": self.path, "status": self.status(), "pid": self._pid,
