@@ -23,9 +23,13 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import random
+import re
 import time
 from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -63,17 +67,85 @@ class VenueError(RuntimeError):
                          f"{error.get('data') or ''}".strip())
 
 
+class OptionSelectorError(ValueError):
+    """An option selector setting is invalid; names the field and the value."""
+
+    def __init__(self, field_name: str, value: object, why: str) -> None:
+        self.field = field_name
+        self.value = value
+        super().__init__(f"options: invalid {field_name}={value!r}: {why}")
+
+
+@dataclass(frozen=True)
+class OptionSelector:
+    """The options a connector trades besides its fixed ``instruments``, resolved on every
+    connect through ``public/get_instruments`` (kind option) and ``public/get_index_price``:
+    the ``expiries`` nearest expiries at least ``min_expiry_s`` away and, in each, the
+    ``strikes`` strikes nearest the index, calls and puts. (Option names depend on the date,
+    so a deployment file cannot list them.)"""
+
+    currency: str = "BTC"
+    expiries: int = 2
+    strikes: int = 2
+    min_expiry_s: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.currency, str) or not re.fullmatch(r"[A-Z]{2,10}", self.currency):
+            raise OptionSelectorError("currency", self.currency, "must be a coin like 'BTC'")
+        for name in ("expiries", "strikes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 50:
+                raise OptionSelectorError(name, value, "must be an int in 1..50")
+        value = self.min_expiry_s
+        if isinstance(value, bool) or not isinstance(value, int | float) or \
+                not math.isfinite(value) or value < 0:
+            raise OptionSelectorError("min_expiry_s", value, "must be a finite number >= 0")
+
+    @classmethod
+    def from_config(cls, config: object) -> OptionSelector:
+        if not isinstance(config, Mapping):
+            raise OptionSelectorError("options", config, "must be a mapping of selector fields")
+        known = {f.name for f in fields(cls)}
+        for key, value in config.items():
+            if key not in known:
+                raise OptionSelectorError(str(key), value, f"unknown field; known: {sorted(known)}")
+        return cls(**config)
+
+    def select(self, listing: list[Any], index_price: float, now_s: float) -> list[str]:
+        """The names chosen from a ``public/get_instruments`` answer (malformed rows skipped)."""
+        rows: list[tuple[float, float, str]] = []
+        for r in listing if isinstance(listing, list) else []:
+            try:
+                expiry_s = float(r["expiration_timestamp"]) / 1000.0
+                row = (expiry_s, float(r["strike"]), str(r["instrument_name"]))
+            except (KeyError, TypeError, ValueError):
+                continue
+            if r.get("kind") == "option" and r.get("base_currency") == self.currency and \
+                    math.isfinite(expiry_s) and expiry_s - now_s >= self.min_expiry_s:
+                rows.append(row)
+        chosen: list[str] = []
+        for expiry_s in sorted({e for e, _, _ in rows})[:self.expiries]:
+            strikes = sorted({k for e, k, _ in rows if e == expiry_s},
+                             key=lambda k: (abs(k - index_price), k))[:self.strikes]
+            chosen += sorted(n for e, k, n in rows if e == expiry_s and k in strikes)
+        return chosen
+
+
 class VenueConnector(EventSourced):
-    """A venue connector. Constructor arguments come from the child spec's kwargs."""
+    """A venue connector. Constructor arguments come from the child spec's kwargs.
+    ``options``: an :class:`OptionSelector` as a dict; the options it picks are resolved on
+    every connect and added to ``instruments``."""
 
     snapshot_every = 500
 
     def __init__(self, venue: str, ws_url: str, client_id: str, client_secret: str,
                  instruments: list[str], subscribers: list[str] | None = None,
                  publish_interval_s: float = 0.05, heartbeat_s: float = 10.0,
-                 reconnect_max_s: float = 5.0) -> None:
+                 reconnect_max_s: float = 5.0,
+                 options: Mapping[str, Any] | None = None) -> None:
         if not instruments:
             raise ValueError("instruments must not be empty")
+        self.option_selector = None if options is None else OptionSelector.from_config(options)
         self.venue = venue
         self.ws_url = ws_url
         self._client_id = client_id
@@ -191,6 +263,10 @@ class VenueConnector(EventSourced):
     def labels(self) -> list[str]:
         return list(self.ledger.orders)
 
+    def traded_instruments(self) -> list[str]:
+        """The fixed instruments and the options resolved so far."""
+        return list(self.instruments)
+
     def state(self) -> str:
         return self.machine.state
 
@@ -295,6 +371,7 @@ class VenueConnector(EventSourced):
                                          "client_secret": self._client_secret})
         await self._call("public/set_heartbeat", {"interval": self.heartbeat_s})
         await self._call("private/enable_cancel_on_disconnect", {"scope": "connection"})
+        await self._resolve_instruments()
         self.machine.transition("connected", "authenticated")
         await self._reconcile()
         from actors.venue.feed import ChangeIdTracker
@@ -307,6 +384,27 @@ class VenueConnector(EventSourced):
         await self._reconcile_fills()  # fills that landed between reconcile and subscribe
         self.machine.transition("reconciled", "reconciled with venue")
         self._running.set()
+
+    async def _resolve_instruments(self) -> None:
+        """Add the options the selector picks now, and those the ledger holds or has open
+        while the venue still lists them (their fills must be reconciled); options resolved
+        before in this incarnation stay. No index yet: raise, and connect again later."""
+        sel = self.option_selector
+        if sel is None:
+            return
+        listing = await self._call("public/get_instruments",
+                                   {"currency": sel.currency, "kind": "option"})
+        index = (await self._call("public/get_index_price",
+                                  {"index_name": f"{sel.currency.lower()}_usd"})).get("index_price")
+        if isinstance(index, bool) or not isinstance(index, int | float) or \
+                not math.isfinite(index) or index <= 0:
+            raise ConnectionError(f"no {sel.currency} index yet ({index!r}): options unresolved")
+        chosen = sel.select(listing, float(index), time.time())
+        listed = {str(r.get("instrument_name")) for r in listing if isinstance(r, dict)}
+        held = [o.instrument for o in self.ledger.unresolved()] + list(self.ledger.last_trade_seq)
+        self.instruments = list(dict.fromkeys(
+            [*self.instruments, *chosen, *(n for n in held if n in listed)]))
+        self.counters["options_resolved"] = len(chosen)
 
     async def _reconcile(self) -> None:
         for order in self.ledger.unresolved():

@@ -211,13 +211,19 @@ def clean_order(order: Any) -> Any:
     return {k: v for k, v in out.items() if v is not None}
 
 
-def added_notional_usd(order: Mapping[str, Any], ref_price: float, reducing: bool) -> float:
+def added_notional_usd(order: Mapping[str, Any], ref_price: float, reducing: bool,
+                       underlying_usd: float = math.nan) -> float:
     """USD the order adds at a venue (negative when the risk book says it reduces risk).
     Inverse perpetuals and futures (``BTC-PERPETUAL``, ``BTC-27DEC26``) trade USD amounts;
-    other instruments trade coin, valued at the order's price or else ``ref_price``."""
+    coin-quoted options (``BTC-27DEC26-60000-C``) coins of the underlying, valued at
+    ``underlying_usd``; other instruments trade coin, valued at the order's price or else
+    ``ref_price``."""
     amount = float(order["amount"])
-    if len(str(order["instrument"]).split("-")) == 2:
+    parts = str(order["instrument"]).split("-")
+    if len(parts) == 2:
         notional = amount
+    elif len(parts) == 4 and "_" not in parts[0]:
+        notional = amount * underlying_usd if math.isfinite(underlying_usd) else math.inf
     else:
         px = order.get("price") or ref_price
         notional = amount * px if px and math.isfinite(px) else math.inf
@@ -559,7 +565,9 @@ class OrderRouter(EventSourced):
         async def exposure(venue: str, ref: float) -> tuple[bool, str]:
             if self.counterparty is None:
                 return True, ""
-            added = added_notional_usd(order, ref, bool(risk.get("reducing")))
+            under_bid, under_ask = self._quote(venue, f"{name.split('-')[0]}-PERPETUAL", now)
+            added = added_notional_usd(order, ref, bool(risk.get("reducing")),
+                                       (under_bid + under_ask) / 2)
             try:
                 ok, why = await self._calls.call(self.counterparty, "exposure_ok", venue, added,
                                                  timeout_s=self.query_timeout_s)

@@ -148,13 +148,14 @@ def test_quotes_when_inventory_long_then_skewed_down_and_at_max_no_more_buying()
         Q, BID, ASK, 0.0, 100.0, MakerConfig(hedge_fraction=1.0))).keys() == {"sell"}
 
 
-def test_quotes_when_inventory_beyond_hedge_threshold_then_crossing_ioc_reduce_only() -> None:
+def test_quotes_when_inventory_beyond_hedge_threshold_then_crossing_ioc() -> None:
     d = decide_quotes(Q, BID, ASK, 0.0, 90.0, CFG)  # > 0.8 * 100: back to 0.5 * 100
     hedge = next(o for o in d.orders if o.kind == "hedge")
     assert (hedge.direction, hedge.amount) == ("sell", 40.0) and hedge.price < BID
+    # not reduce_only: the venue applies that to the account, which other strategies share
     assert hedge.to_router(CFG.instrument) == {
         "instrument": CFG.instrument, "direction": "sell", "amount": 40.0, "type": "limit",
-        "price": hedge.price, "time_in_force": "immediate_or_cancel", "reduce_only": True}
+        "price": hedge.price, "time_in_force": "immediate_or_cancel"}
     assert quotes(d).keys() == {"buy"}  # the hedge replaces the passive sell
     short = decide_quotes(Q, BID, ASK, 0.0, -90.0, CFG)
     assert next(o for o in short.orders if o.kind == "hedge").price > ASK
@@ -267,15 +268,15 @@ def test_maker_when_stepped_then_warms_up_quotes_pauses_on_halt_and_cancels(tmp_
     seqs = [int(c.split(".")[1]) for c in desk.routes]  # ids: "mm.<journal seq of intent>"
     assert desk.routes == wide + narrow and seqs == sorted(set(seqs))
     assert sorted(lo["direction"] for lo in mm.book.live.values()) == ["buy", "sell"]
-    assert mm.on_fills([{"trade_id": "T1", "instrument_name": "BTC-PERPETUAL",
-                         "direction": "buy", "amount": 10.0, "label": "L-x"}] * 2) == 1
-    assert mm.on_fills([{"trade_id": "T1", "instrument_name": "BTC-PERPETUAL",
-                         "direction": "buy", "amount": 10.0, "label": "L-x"}]) == 0
-    assert mm.inventory() == 10.0
+    buy = next(c for c, lo in mm.book.live.items() if lo["direction"] == "buy")
+    fill = {"trade_id": "T1", "instrument_name": "BTC-PERPETUAL", "direction": "buy",
+            "amount": 10.0, "label": f"L-{buy}"}
+    assert mm.on_fills([fill] * 2) == 1 and mm.on_fills([fill]) == 0  # at least once: dedup
+    assert mm.inventory() == 10.0 and buy not in mm.book.live  # the buy quote filled
     desk.risk_state = "HALTED"
     halted = asyncio.run(steps(1))[0]
     assert halted["state"] == "PAUSED" and halted["trigger"] == "risk_halted"
-    assert sorted(halted["cancelled"]) == sorted(narrow) and not mm.book.live
+    assert halted["cancelled"] == [c for c in narrow if c != buy] and not mm.book.live
     assert [t["to"] for t in mm.transitions()] == ["WIDENED", "QUOTING", "PAUSED"]
 
 
