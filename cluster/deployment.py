@@ -3,11 +3,23 @@ venue simulator processes and supervision trees (one tree per site).
 
     sites:
       - name: tokyo
-        venues:   [{name: deribit, instruments: [BTC-PERPETUAL, ETH-PERPETUAL], seed: 1}]
-        books:    [{name: main, instruments: [BTC-PERPETUAL, ETH-PERPETUAL]}]
+        venues:   [{name: deribit, instruments: [BTC-PERPETUAL, ETH-PERPETUAL], seed: 1,
+                    options: true}]
+        books:    [{name: main, instruments: null}]
+        strategy: {quote_size: 10, options: {expiries: 2, strikes: 2, max_options: 4}}
 
-Per site the tree is: ``site-<name>`` (one_for_one) → ``venues`` (one_for_one of per-venue
-``rest_for_one`` subtrees: connector) · ``risk`` (one_for_one: books) · ``monitors``.
+Per site the tree is: ``site-<name>`` (one_for_one) → ``risk`` (one_for_one: books) ·
+``monitors`` · ``venues`` (one_for_one of per-venue ``rest_for_one`` subtrees: ``handle``, then
+``connector``) · ``trading`` (``rest_for_one``: ``router``, ``maker``, then ``options``).
+
+The venue handle (``actors.venue_handle``) comes first in its subtree: it stands for the
+simulator process, and a restart of it restarts the connector after it, which is harmless
+because a connector reconciles with its venue on every start before it takes an order.
+``strategy`` holds the market maker's keywords and, optionally, ``options``: the option quoter
+(``actors.option_quoter``) and the options each connector of the site resolves for it at
+connect time (``actors.connector.OptionSelector``); option names depend on the date, so with
+options the site's venues must list a chain (``options: true``) and its first book must take
+any instrument (``instruments: null``).
 """
 
 from __future__ import annotations
@@ -16,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 DEFAULT_SPEC = Path(__file__).with_name("deploy") / "bastion.yaml"
 
@@ -39,6 +51,7 @@ class VenueSpec(_Frozen):
     data: str | None = None
     client_id: str = "bastion"
     client_secret: str = "bastion-local-secret"  # simulator key, non-production only
+    options: bool = False  # the simulator lists a BTC option chain (needed by strategy.options)
 
     @field_validator("instruments")
     @classmethod
@@ -50,8 +63,90 @@ class VenueSpec(_Frozen):
 
 class BookSpec(_Frozen):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9\-]*$")
-    instruments: tuple[str, ...]
+    instruments: tuple[str, ...] | None  # null: any Deribit instrument
     limits: dict[str, float] = Field(default_factory=dict)  # actors.limits.Limits fields
+
+
+def _config_problem(build: Any) -> None:
+    """Run a config constructor; its error (which names the field) as a ValueError."""
+    from actors.connector import OptionSelectorError
+    from actors.option_quoter import QuoterConfigError
+    from actors.strategy import MakerConfigError
+
+    try:
+        build()
+    except (MakerConfigError, QuoterConfigError, OptionSelectorError) as exc:
+        raise ValueError(str(exc)) from None
+
+
+class OptionsSpec(_Frozen):
+    """The site's option quoter (``actors.option_quoter.OptionQuoter``) and which options each
+    connector resolves for it at connect time: the ``expiries`` nearest expiries at least
+    ``min_expiry_s`` away, ``strikes`` strikes nearest the index in each, calls and puts.
+    ``config``: any other ``QuoterConfig`` field."""
+
+    currency: str = "BTC"
+    expiries: int = 2
+    strikes: int = 2
+    min_expiry_s: float = 3600.0
+    max_options: int = 4
+    quote_size: float = 0.1
+    interval_s: float = 0.5
+    config: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _valid(self) -> OptionsSpec:
+        from actors.connector import OptionSelector
+        from actors.option_quoter import QuoterConfig, QuoterConfigError
+        from actors.strategy import config_from
+
+        _config_problem(lambda: OptionSelector.from_config(self.selector()))
+        _config_problem(lambda: config_from(QuoterConfig, QuoterConfigError, self.config,
+                                            **self.quoter_settings()))
+        return self
+
+    def selector(self) -> dict[str, Any]:
+        """The connector's ``options`` keyword."""
+        return {"currency": self.currency, "expiries": self.expiries, "strikes": self.strikes,
+                "min_expiry_s": self.min_expiry_s}
+
+    def quoter_settings(self) -> dict[str, Any]:
+        return {"underlying": f"{self.currency}-PERPETUAL", "max_options": self.max_options,
+                "quote_size": self.quote_size, "interval_s": self.interval_s,
+                "min_expiry_s": self.min_expiry_s}
+
+    def quoter_kwargs(self) -> dict[str, Any]:
+        """The quoter's keywords (without ``router`` and ``risk_book``)."""
+        own = self.quoter_settings()
+        min_expiry_s = own.pop("min_expiry_s")
+        return {**own, "config": {**self.config, "min_expiry_s": min_expiry_s}}
+
+
+class StrategySpec(BaseModel):
+    """The market maker's keywords (``actors.strategy.MarketMaker``: ``instrument``,
+    ``quote_size``, ``base_spread_bps``, ``max_inventory``, ``interval_s``, ``config``) and,
+    optionally, ``options`` (:class:`OptionsSpec`)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+    options: OptionsSpec | None = None
+
+    @model_validator(mode="after")
+    def _valid(self) -> StrategySpec:
+        from actors.strategy import MakerConfig, MakerConfigError, config_from
+
+        kwargs = self.maker_kwargs()
+        allowed = {"instrument", "quote_size", "base_spread_bps", "max_inventory",
+                   "interval_s", "config"}
+        unknown = sorted(set(kwargs) - allowed)
+        if unknown:
+            raise ValueError(f"unknown market-maker setting(s) {unknown}; known: "
+                             f"{sorted(allowed | {'options'})}")
+        config = kwargs.pop("config", None)
+        _config_problem(lambda: config_from(MakerConfig, MakerConfigError, config, **kwargs))
+        return self
+
+    def maker_kwargs(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 class SiteSpec(_Frozen):
@@ -59,8 +154,21 @@ class SiteSpec(_Frozen):
     venues: tuple[VenueSpec, ...] = ()
     books: tuple[BookSpec, ...] = ()
     monitors: bool = True
-    #: MarketMaker kwargs (``actors.strategy``); null: no strategy, no router.
-    strategy: dict[str, Any] | None = None
+    #: The market maker and, optionally, the option quoter; null: no strategy, no router.
+    strategy: StrategySpec | None = None
+
+    @model_validator(mode="after")
+    def _options_fit(self) -> SiteSpec:
+        if self.strategy is None or self.strategy.options is None:
+            return self
+        for i, venue in enumerate(self.venues):
+            if not venue.options:
+                raise ValueError(f"venues.{i}.options must be true when strategy.options is "
+                                 f"set (venue {venue.name!r} would list no option chain)")
+        if self.books and self.books[0].instruments is not None:
+            raise ValueError("books.0.instruments must be null (any instrument) when "
+                             "strategy.options is set: option names depend on the date")
+        return self
 
 
 class Deployment(_Frozen):
@@ -104,32 +212,58 @@ def parse(raw: Any, source: str = "<deployment>") -> Deployment:
         raise DeploymentError(f"{source}: {problems}") from None
 
 
-def site_tree(site: SiteSpec, venue_urls: dict[str, str], *, subscribers_ns: str = "") -> Any:
-    """The supervision tree of one site, given the simulators' WebSocket URLs by venue name."""
+def http_url_of(ws_url: str) -> str:
+    """The simulator's HTTP base URL from its WebSocket URL (``ws://h:p/ws/api/v2``)."""
+    scheme, _, rest = ws_url.partition("://")
+    return f"{'https' if scheme == 'wss' else 'http'}://{rest.split('/', 1)[0]}"
+
+
+def venue_subtree(site: SiteSpec, venue: VenueSpec, ws_url: str, http_url: str,
+                  subscribers: list[str]) -> Any:
+    """One venue's ``rest_for_one`` subtree: its handle, then its connector."""
+    from supervisors import ChildSpec, Placement, SupervisorSpec
+    from supervisors.spec import Backoff
+
+    place, fast = Placement(site=site.name), Backoff(initial_s=0.05, max_s=2.0)
+    key = {"client_id": venue.client_id, "client_secret": venue.client_secret}
+    options = site.strategy.options if site.strategy is not None else None
+    connector = {"venue": venue.name, "ws_url": ws_url, **key,
+                 "instruments": list(venue.instruments), "subscribers": subscribers}
+    if options is not None:
+        connector["options"] = options.selector()
+    return SupervisorSpec(id=venue.name, strategy="rest_for_one", intensity=20, period_s=30,
+                          children=[
+        ChildSpec(id="handle", cls="actors.venue_handle:VenueHandle",
+                  kwargs={"venue": venue.name, "ws_url": ws_url, "http_url": http_url, **key},
+                  placement=place, backoff=fast, shutdown_s=2.0),
+        ChildSpec(id="connector", cls="actors.connector:VenueConnector", kwargs=connector,
+                  placement=place, backoff=fast, shutdown_s=5.0)])
+
+
+def site_tree(site: SiteSpec, venue_urls: dict[str, str], *,
+              http_urls: dict[str, str] | None = None, subscribers_ns: str = "") -> Any:
+    """The supervision tree of one site, given the simulators' WebSocket URLs by venue name
+    (and their HTTP URLs; by default derived from the WebSocket ones)."""
     from supervisors import ChildSpec, Placement, SupervisorSpec
     from supervisors.spec import Backoff
 
     root = f"site-{site.name}"
     book_paths = [f"{root}/risk/{b.name}" for b in site.books]
-    trading = site.strategy is not None and bool(site.books)
-    router_path, maker_path = f"{root}/trading/router", f"{root}/trading/maker"
-    subscribers = book_paths + ([router_path, maker_path] if trading else [])
+    strategy = site.strategy if site.books else None
+    trading = f"{root}/trading"
+    strategies = [] if strategy is None else [f"{trading}/maker"] + (
+        [f"{trading}/options"] if strategy.options is not None else [])
+    subscribers = book_paths + ([f"{trading}/router", *strategies] if strategy else [])
     place = Placement(site=site.name)
     fast = Backoff(initial_s=0.05, max_s=2.0)
-    venues = [
-        SupervisorSpec(id=v.name, strategy="rest_for_one", intensity=20, period_s=30,
-                       children=[ChildSpec(
-                           id="connector", cls="actors.connector:VenueConnector",
-                           kwargs={"venue": v.name, "ws_url": venue_urls[v.name],
-                                   "client_id": v.client_id, "client_secret": v.client_secret,
-                                   "instruments": list(v.instruments),
-                                   "subscribers": subscribers},
-                           placement=place, backoff=fast, shutdown_s=5.0)])
-        for v in site.venues
-    ]
+    http = http_urls or {}
+    venues = [venue_subtree(site, v, venue_urls[v.name],
+                            http.get(v.name) or http_url_of(venue_urls[v.name]), subscribers)
+              for v in site.venues]
     books = [ChildSpec(id=b.name, cls="actors.risk_book:RiskBook",
-                       kwargs={"book_id": b.name, "instruments": list(b.instruments),
-                               "limits": dict(b.limits)},
+                       kwargs={"book_id": b.name, "limits": dict(b.limits),
+                               "instruments": None if b.instruments is None
+                               else list(b.instruments)},
                        placement=Placement(site=site.name, anti_affinity=f"book-{b.name}"),
                        backoff=fast)
              for b in site.books]
@@ -144,8 +278,8 @@ def site_tree(site: SiteSpec, venue_urls: dict[str, str], *, subscribers_ns: str
                       placement=place, backoff=fast)]))
     children.append(SupervisorSpec(id="venues", strategy="one_for_one", intensity=20,
                                    period_s=30, children=venues))
-    if trading:
-        assert site.strategy is not None
+    if strategy is not None:
+        desk = {"router": f"{trading}/router", "risk_book": book_paths[0]}
         children.append(SupervisorSpec(id="trading", strategy="rest_for_one", intensity=20,
                                        period_s=30, children=[
             ChildSpec(id="router", cls="actors.router:OrderRouter",
@@ -156,8 +290,11 @@ def site_tree(site: SiteSpec, venue_urls: dict[str, str], *, subscribers_ns: str
                                                if site.monitors else None)},
                       placement=place, backoff=fast),
             ChildSpec(id="maker", cls="actors.strategy:MarketMaker",
-                      kwargs={"router": router_path, "risk_book": book_paths[0],
-                              **site.strategy},
-                      placement=place, backoff=fast)]))
+                      kwargs={**desk, **strategy.maker_kwargs()},
+                      placement=place, backoff=fast),
+            *([] if strategy.options is None else [
+                ChildSpec(id="options", cls="actors.option_quoter:OptionQuoter",
+                          kwargs={**desk, **strategy.options.quoter_kwargs()},
+                          placement=place, backoff=fast)])]))
     return SupervisorSpec(id=root, strategy="one_for_one", intensity=10, period_s=30,
                           children=children)

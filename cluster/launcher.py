@@ -61,7 +61,7 @@ def start_venues(dep: Deployment, work_dir: Path, *, detached: bool,
                 proc = VenueProcess.start(
                     f"{site.name}-{venue.name}", port=venue.port, data=venue.data,
                     seed=venue.seed, keys={venue.client_id: venue.client_secret},
-                    speedup=venue.speedup, synthetic=venue.synthetic,
+                    speedup=venue.speedup, synthetic=venue.synthetic, options=venue.options,
                     start_timeout_s=start_timeout_s,
                     log_path=log_path if detached else None)
                 procs.append(proc)
@@ -107,8 +107,10 @@ def start_trees(dep: Deployment, venues: dict[str, VenueInfo], *,
 
     trees = []
     for site in dep.sites:
-        urls = {v.name: venues[f"{site.name}/{v.name}"].ws_url for v in site.venues}
-        trees.append(start_tree(site_tree(site, urls), namespace=dep.namespace,
+        infos = {v.name: venues[f"{site.name}/{v.name}"] for v in site.venues}
+        tree = site_tree(site, {k: i.ws_url for k, i in infos.items()},
+                         http_urls={k: i.http_url for k, i in infos.items()})
+        trees.append(start_tree(tree, namespace=dep.namespace,
                                 store_url=store_url or dep.store_url))
     return trees
 
