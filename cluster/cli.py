@@ -7,6 +7,8 @@
     bastion demo
     bastion venue serve --name NAME --port PORT [--data FILE] [--seed S] [--keys FILE]
     bastion bench {journal,restart,node,all} [--quick] [--json]
+    bastion keys generate --dir DIR --name NAME [--name ...] [--force]
+    bastion keys list --dir DIR        # public keys only
 """
 
 from __future__ import annotations
@@ -221,6 +223,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    """CURVE key pairs for the mesh (``topology.keys``); prints public keys only."""
+    from topology import keys
+
+    try:
+        if args.keys_command == "generate":
+            for name in args.name:
+                public, secret = keys.generate_keypair(args.dir, name, overwrite=args.force)
+                print(f"{name} {keys.load_public_key(public).decode()} "
+                      f"(public {public}, secret {secret})")
+        else:
+            for name, key in keys.load_public_keys(args.dir).items():
+                print(f"{name} {key.decode()}")
+    except (OSError, ValueError) as exc:  # FileExistsError, KeyFileError, a bad name
+        print(f"bastion: keys: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _venue_main(argv: list[str]) -> int:
     from actors.venue.process import main as venue_main
 
@@ -260,6 +281,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true",
                        help="print one JSON object of the figures as the last line")
     bench.set_defaults(func=cmd_bench)
+    keys = sub.add_parser("keys", help="CURVE key pairs for the mesh")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    gen = keys_sub.add_parser("generate", help="write NAME.key (public, 0644) and "
+                                               "NAME.key_secret (0600) for each --name")
+    gen.add_argument("--dir", required=True)
+    gen.add_argument("--name", action="append", required=True)
+    gen.add_argument("--force", action="store_true", help="replace existing key pairs")
+    listing = keys_sub.add_parser("list", help="print NAME PUBLIC_KEY for each NAME.key")
+    listing.add_argument("--dir", required=True)
+    keys.set_defaults(func=cmd_keys)
     return parser
 
 
