@@ -71,19 +71,20 @@ class Mesh:
     def members(self, exclude: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
         return {n: a.status()["members"] for n, a in self.agents.items() if n not in exclude}
 
-    def wait_all_up(self, timeout_s: float = UP_BOUND_S) -> None:
-        """Every agent sees every other up, and holds a full view from each (so that a fault
-        injected next starts from a settled picture)."""
+    def wait_all_up(self, timeout_s: float = UP_BOUND_S, *, full_views: bool = True) -> None:
+        """Every agent sees every other up, and (``full_views``) holds a full view from each,
+        so that a fault injected next starts from a settled picture."""
         for node in self.agents:
             wait_until(lambda node=node: _all_see(lambda: self.members((node,)), node, "alive"),
                        timeout_s, f"everyone to see {node} up")
 
-        def full_views() -> bool:
+        def settled() -> bool:
             views = {n: a.status()["partition"]["views"] for n, a in self.agents.items()}
             want = {n: sorted(set(self.agents) - {n}) for n in self.agents}
             assert all(v == want for v in views.values()), views
             return True
-        wait_until(full_views, timeout_s, "every agent to hold everyone's full view")
+        if full_views:
+            wait_until(settled, timeout_s, "every agent to hold everyone's full view")
 
 
 @pytest.fixture
@@ -374,6 +375,30 @@ def test_config_when_control_not_on_loopback_then_exit_2_naming_the_field(tmp_pa
     assert out.returncode == 2 and "mesh.heartbeat_interval_s = -1" in out.stderr
 
 
+def test_witness_process_when_started_then_voter_only_and_sigterm_exits_0(tmp_path):
+    cfg = tmp_path / "w.json"
+    cfg.write_text(json.dumps({"node_id": "w", "site": "witness"}))
+    out = subprocess.run([sys.executable, "-m", "topology.witness", "--config", str(cfg)],
+                         cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and "voter_only needs lease_voter" in out.stderr
+    cfg.write_text(json.dumps({"node_id": "w", "site": "witness",
+                               "lease_voter": {"store": "promises.json"}}))
+    proc = subprocess.Popen([sys.executable, "-m", "topology.witness", "--config", str(cfg)],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    try:
+        with ControlClient(_read_ready(proc, 20.0)["control"]) as control:
+            status = control.call("status")
+        assert status["voter_only"] is True and status["site"] == "witness"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        proc.stdout.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # Link faults (in-process)
 
@@ -384,9 +409,10 @@ def test_broken_link_when_cut_both_ways_then_nobody_declares_it_down_and_one_way
     cut_links(a, "n1", drop_out=1.0, drop_in=1.0)
     hold_until = time.monotonic() + 3.0
     while time.monotonic() < hold_until:   # an invariant over a window, checked throughout
-        bad = {n: _events(agent, kinds=("suspect", "down")) for n, agent in mesh.agents.items()}
-        assert not any(bad.values()), f"a broken link was taken for a dead node: {bad}"
+        downs = {n: _events(agent, kinds=("down",)) for n, agent in mesh.agents.items()}
+        assert not any(downs.values()), f"a broken link was taken for a dead node: {downs}"
         time.sleep(0.05)
+    mesh.wait_all_up(2.0, full_views=False)   # a suspicion under load is refuted by now
     faults = a.status()["dropped"]["faults"]
     assert faults["drop_out"] > 0 and faults["drop_in"] > 0
     views = mesh["n2"].status()["partition"]["views"]
@@ -400,7 +426,7 @@ def test_broken_link_when_cut_both_ways_then_nobody_declares_it_down_and_one_way
         assert p["asymmetric"] == [["n0", "n1"]] and not p["partitioned"], p
         return p
     wait_until(one_way, 5.0, "the one-way link to show in the picture")
-    assert not any(_events(agent, kinds=("suspect", "down")) for agent in mesh.agents.values())
+    assert not any(_events(agent, kinds=("down",)) for agent in mesh.agents.values())
 
 
 def test_bridge_when_two_pairs_reach_each_other_only_through_one_node_then_partitioned_event(

@@ -16,12 +16,10 @@ thread (subscribers, one event at a time, in order) and the payload thread (``on
 handlers). Public methods may be called from any thread: they take the agent's lock for state,
 and hand socket work to the loop through a command queue and a wake pipe.
 
-Inbound, per message: envelope ``[sender, frame]`` → sender must be a configured peer (and, with
-CURVE, own the key that authenticated the connection) → injected ``drop_in`` faults → decode
-(:func:`~topology.frames.decode`; a bad frame is counted by reason) → the frame's own author
-field must be the sender → :class:`~topology.frames.ReplayGuard` → ``Membership.on_frame``, or
-``PartitionTracker.observe`` for Views, or the payload handlers. Everything dropped is counted in
-:meth:`MeshAgent.status`, by reason.
+Inbound frames pass the checks of :class:`~topology.agent_wire.Wire` (envelope, sender, CURVE
+key owner, injected faults, decoding, author, :class:`~topology.frames.ReplayGuard`; every drop
+counted by reason in :meth:`MeshAgent.status`), then go to ``Membership.on_frame``, to
+``PartitionTracker.observe`` (Views) or to the payload handlers.
 
 Every ``tick_interval_s`` the loop runs ``Membership.tick`` (heartbeats every
 ``heartbeat_interval_s``, Views every ``gossip_interval_s`` or on change, probes, suspicion
@@ -42,18 +40,15 @@ peers declare it down — a node that cannot run its detector must not look aliv
 from __future__ import annotations
 
 import contextlib
-import heapq
-import itertools
 import logging
 import math
 import os
 import queue
-import random
 import threading
 import time
 import zlib
 from collections import Counter, deque
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,23 +67,12 @@ from topology.agent_types import (
     check_name,
     picture_to_dict,
 )
+from topology.agent_wire import Wire
 from topology.clock import Clock, MonotonicClock
 from topology.config import MeshConfig
-from topology.frames import (
-    Ack,
-    Frame,
-    FrameError,
-    Heartbeat,
-    Left,
-    Payload,
-    PingReq,
-    ReplayGuard,
-    View,
-    decode,
-    encode,
-)
+from topology.frames import Left, Payload, ReplayGuard, View, encode
 from topology.keys import CurveIdentity, check_public_key
-from topology.membership import Action, Membership, MemberState, Send, initial_incarnation
+from topology.membership import Membership, MemberState, initial_incarnation
 from topology.partition import PartitionTracker, Voters
 
 __all__ = ["LIFECYCLE", "AgentState", "AgentStoppedError", "LinkFaults", "MeshAgent",
@@ -101,13 +85,6 @@ _STOP = object()
 
 @dataclass(slots=True)
 class _Counters:
-    sent: Counter[str] = field(default_factory=Counter)            # by frame kind
-    received: Counter[str] = field(default_factory=Counter)        # admitted, by frame kind
-    malformed: Counter[str] = field(default_factory=Counter)       # FrameError reasons
-    rejected: Counter[str] = field(default_factory=Counter)        # envelope / sender checks
-    faults: Counter[str] = field(default_factory=Counter)          # injected drops / delays
-    send: Counter[str] = field(default_factory=Counter)            # frames that did not leave
-    send_by_peer: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)          # exceptions, by stage
     payloads: Counter[str] = field(default_factory=Counter)
     late_ticks: int = 0
@@ -128,7 +105,6 @@ class MeshAgent:
     """
 
     MAX_INBOUND_PER_POLL = 256
-    MAX_DELAYED = 10_000
     MAX_EVENTS_KEPT = 10_000
     MAX_PAYLOAD_BACKLOG = 10_000
     FAIL_STOP_AFTER = 100          # consecutive failed loop iterations
@@ -167,18 +143,17 @@ class MeshAgent:
         self._views: dict[str, dict[str, bool]] = {}
         self._excluded: set[str] = set()
         self._peers: dict[str, Peer] = {}
-        self._key_owner: dict[bytes, str] = {}
-        self._faults: dict[str, LinkFaults] = {}
-        self._rng = random.Random()
         self._n = _Counters()
         self._transport = Transport(node_id, bind_endpoint,
                                     socket_options or SocketOptions.for_mesh(config),
                                     curve=curve)
+        self._wire = Wire(self._transport, self._peers, self._guard,
+                          max_frame_bytes=config.max_frame_bytes, curve=curve is not None)
         for nid, peer in peers.items():
             self._check_new_peer(nid, peer)
             self._peers[nid] = peer
             if peer.public_key is not None:
-                self._key_owner[peer.public_key] = nid
+                self._wire.key_owner[peer.public_key] = nid
         self._refresh_peer_tables()
 
         self._lock = threading.RLock()
@@ -189,8 +164,6 @@ class MeshAgent:
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future | None]] = \
             queue.SimpleQueue()
         self._wake_r = self._wake_w = -1
-        self._delayed: list[tuple[float, int, str, bytes, str]] = []
-        self._delay_seq = itertools.count()
         self._next_tick_s = -math.inf
         self._next_picture_s = -math.inf
         self._error_logged: dict[tuple[str, str], float] = {}
@@ -308,10 +281,11 @@ class MeshAgent:
             return math.nan
 
     def _close_wake_pipe(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            if fd >= 0:
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
+        with self._lock:   # never close it under a concurrent _wake (the fd could be reused)
+            for fd in (self._wake_r, self._wake_w):
+                if fd >= 0:
+                    os.close(fd)
+            self._wake_r = self._wake_w = -1
 
     def __repr__(self) -> str:
         key = self._curve.public.decode() if self._curve else None
@@ -362,13 +336,17 @@ class MeshAgent:
         data = encode(Payload(kind, body), max_frame_bytes=self.config.max_frame_bytes)
         with self._lock:
             self._require_peer(to_node)
-        self._call_soon(lambda: self._send_bytes(to_node, data, Payload.KIND,
-                                                 self.clock.now_s()))
+        self._call_soon(lambda: self._wire.send_bytes(to_node, data, Payload.KIND,
+                                                      self.clock.now_s()))
 
     def broadcast_payload(self, kind: str, body: Mapping[str, Any]) -> None:
-        """Send a payload to every peer. Raises as :meth:`send_payload` (but for the peer)."""
+        """Send a payload to every peer.
+
+        Raises:
+            FrameError: as :meth:`send_payload`. AgentStoppedError: the agent is not running.
+        """
         data = encode(Payload(kind, body), max_frame_bytes=self.config.max_frame_bytes)
-        self._call_soon(lambda: self._send_to_all(data, Payload.KIND, self.clock.now_s()))
+        self._call_soon(lambda: self._wire.send_to_all(data, Payload.KIND, self.clock.now_s()))
 
     # -- scale-out, leave, faults ---------------------------------------------------------------
 
@@ -396,8 +374,8 @@ class MeshAgent:
         Raises:
             AgentStoppedError: the agent is not running.
         """
-        self._call(lambda: self._send_actions(self._membership.leave(self.clock.now_s()),
-                                              self.clock.now_s()), need_loop=True)
+        self._call(lambda: self._wire.send_actions(self._membership.leave(self.clock.now_s()),
+                                                   self.clock.now_s()), need_loop=True)
 
     def set_link_faults(self, peer: str, *, drop_out: float = 0.0, drop_in: float = 0.0,
                         delay_s: float = 0.0) -> LinkFaults:
@@ -410,9 +388,9 @@ class MeshAgent:
         with self._lock:
             self._require_peer(peer)
             if faults.active:
-                self._faults[peer] = faults
+                self._wire.faults[peer] = faults
             else:
-                self._faults.pop(peer, None)
+                self._wire.faults.pop(peer, None)
         log.info("%s: link faults to %s: %s", self.node_id, peer, faults)
         return faults
 
@@ -420,9 +398,9 @@ class MeshAgent:
         """Remove injected faults for ``peer``, or for every peer."""
         with self._lock:
             if peer is None:
-                self._faults.clear()
+                self._wire.faults.clear()
             else:
-                self._faults.pop(peer, None)
+                self._wire.faults.pop(peer, None)
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -456,9 +434,14 @@ class MeshAgent:
                                                  "silent_s": None})
                 entry.update(peer=True, endpoint=peer.endpoint,
                              connected=links.get(nid, {}).get("connected", False),
-                             send_dropped=self._n.send_by_peer.get(nid, 0),
-                             faults=_faults_dict(self._faults.get(nid)))
+                             send_dropped=self._wire.counters.send_by_peer.get(nid, 0),
+                             faults=_faults_dict(self._wire.faults.get(nid)))
             n = self._n
+            wire = self._wire.counters.as_dict(self._guard)
+            wire["dropped"]["unauthenticated"] = {
+                k: v for k, v in self._transport.router_events.items()
+                if k.startswith("handshake_failed")}
+            wire["dropped"]["membership"] = dict(self._membership.dropped)
             picture = self._tracker.picture
             published = self._tracker.published
             return {
@@ -467,18 +450,9 @@ class MeshAgent:
                 "endpoint": self.endpoint, "curve": self._curve is not None,
                 "public_key": self._curve.public.decode() if self._curve else None,
                 "local_health": self._membership.local_health, "members": members,
-                "frames": {"sent": dict(n.sent), "received": dict(n.received)},
-                "dropped": {
-                    "malformed": dict(n.malformed), "replayed": dict(self._guard.dropped),
-                    "rejected": dict(n.rejected),
-                    "unauthenticated": {k: v for k, v in
-                                        self._transport.router_events.items()
-                                        if k.startswith("handshake_failed")},
-                    "faults": dict(n.faults), "send": dict(n.send),
-                    "membership": dict(self._membership.dropped)},
-                "connections": dict(self._transport.router_events),
+                **wire, "connections": dict(self._transport.router_events),
                 "relinks": n.relinks, "errors": dict(n.errors), "late_ticks": n.late_ticks,
-                "payloads": dict(n.payloads), "delayed_frames": len(self._delayed),
+                "payloads": dict(n.payloads), "delayed_frames": self._wire.delayed_count,
                 "events": {"last_seq": self._event_seq},
                 "partition": {
                     "current": picture_to_dict(picture) if picture else None,
@@ -521,7 +495,8 @@ class MeshAgent:
             for stage, step in (("inbound", lambda: self._process(ready)),
                                 ("commands", self._run_commands),
                                 ("tick", self._maybe_tick),
-                                ("delayed", self._flush_delayed),
+                                ("delayed", lambda: self._wire.flush_delayed(
+                                    self.clock.now_s())),
                                 ("events", self._drain_events)):
                 try:
                     step()
@@ -532,9 +507,8 @@ class MeshAgent:
 
     def _timeout_s(self) -> float:
         now = self.clock.now_s()
-        due = self._next_tick_s
-        if self._delayed:
-            due = min(due, self._delayed[0][0])
+        delayed = self._wire.next_delayed_s()
+        due = self._next_tick_s if delayed is None else min(self._next_tick_s, delayed)
         return min(max(0.0, due - now), self.config.tick_interval_s)
 
     def _process(self, ready: set[object]) -> None:
@@ -551,7 +525,7 @@ class MeshAgent:
         self._next_tick_s += self.config.tick_interval_s
         if self._next_tick_s <= now:
             self._next_tick_s = now + self.config.tick_interval_s
-        self._send_actions(self._membership.tick(now), now)
+        self._wire.send_actions(self._membership.tick(now), now)
         self._n.relinks += self._transport.retry_refused(now)
         if now >= self._next_picture_s:
             self._next_picture_s = now + self.config.gossip_interval_s / 2
@@ -568,13 +542,6 @@ class MeshAgent:
         isolated = set(before.isolated) if before is not None else set()
         self._excluded = (self._excluded | (gone & isolated) | left) & gone
         self._tracker.evaluate(now, down=self._excluded)
-
-    def _flush_delayed(self) -> None:
-        now = self.clock.now_s()
-        while self._delayed and self._delayed[0][0] <= now:
-            _, _, to, data, kind = heapq.heappop(self._delayed)
-            if to in self._peers:
-                self._transmit(to, data, kind)
 
     def _run_commands(self) -> None:
         for _ in range(1000):
@@ -596,7 +563,7 @@ class MeshAgent:
         if self._leave_on_exit:
             try:
                 now = self.clock.now_s()
-                self._send_actions(self._membership.leave(now), now)
+                self._wire.send_actions(self._membership.leave(now), now)
                 self._transport.linger_links(self.LEAVE_LINGER_S)
             except Exception as exc:
                 self._record_error("leave", exc)
@@ -628,10 +595,11 @@ class MeshAgent:
     # -- commands from other threads ------------------------------------------------------------
 
     def _wake(self) -> None:
-        if self._wake_w >= 0:
-            # A full pipe wakes the loop anyway; a closed one means it has stopped.
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"\0")
+        with self._lock:
+            if self._wake_w >= 0:
+                # A full pipe wakes the loop anyway.
+                with contextlib.suppress(BlockingIOError):
+                    os.write(self._wake_w, b"\0")
 
     def _call_soon(self, fn: Callable[[], Any]) -> None:
         if self._state is not AgentState.RUNNING:
@@ -668,7 +636,7 @@ class MeshAgent:
             return
         if peer.public_key is None:
             raise ValueError(f"peers[{node_id!r}].public_key: CURVE is on, the peer needs one")
-        owner = self._key_owner.get(peer.public_key)
+        owner = self._wire.key_owner.get(peer.public_key)
         if peer.public_key == self._curve.public or owner not in (None, node_id):
             raise ValueError(f"peers[{node_id!r}].public_key: already the key of "
                              f"{owner or self.node_id!r} (each node needs its own key pair)")
@@ -679,10 +647,10 @@ class MeshAgent:
                                    f"(peers: {sorted(self._peers)})")
 
     def _allowed_keys(self) -> frozenset[bytes]:
-        return self._allow_extra | frozenset(self._key_owner)
+        return self._allow_extra | frozenset(self._wire.key_owner)
 
     def _refresh_peer_tables(self) -> None:
-        self._key_owner = {p.public_key: n for n, p in self._peers.items() if p.public_key}
+        self._wire.key_owner = {p.public_key: n for n, p in self._peers.items() if p.public_key}
         if self._curve is not None and self._transport.is_open:
             self._transport.set_allowed(self._allowed_keys())
         sites = {n: p.site for n, p in self._peers.items()}
@@ -701,7 +669,7 @@ class MeshAgent:
     def _apply_remove_peer(self, node_id: str) -> None:
         if self._peers.pop(node_id, None) is None:
             return
-        self._faults.pop(node_id, None)
+        self._wire.faults.pop(node_id, None)
         self._refresh_peer_tables()
         self._transport.disconnect(node_id)
         info = self._membership.member(node_id)
@@ -727,38 +695,10 @@ class MeshAgent:
             self._record_error("receive", exc)
 
     def _receive(self, msg: Inbound) -> None:
-        n = self._n
-        if len(msg.parts) != 2:
-            n.rejected["bad_envelope"] += 1
+        admitted = self._wire.receive(msg)
+        if admitted is None:
             return
-        raw_sender, data = msg.parts
-        try:
-            sender = raw_sender.decode("utf-8")
-        except UnicodeDecodeError:
-            n.rejected["bad_envelope"] += 1
-            return
-        if sender not in self._peers:
-            n.rejected["unknown_sender"] += 1
-            return
-        if self._curve is not None and self._key_owner.get(msg.client_key or b"") != sender:
-            n.rejected["spoofed_sender"] += 1   # an allowed key speaking for another node
-            return
-        faults = self._faults.get(sender)
-        if faults is not None and faults.drop_in and self._rng.random() < faults.drop_in:
-            n.faults["drop_in"] += 1
-            return
-        try:
-            frame = decode(data, max_frame_bytes=self.config.max_frame_bytes)
-        except FrameError as exc:
-            n.malformed[exc.reason] += 1
-            return
-        author = _author(frame)
-        if author is not None and author != sender:
-            n.rejected["spoofed_sender"] += 1
-            return
-        if not self._guard.admit(frame):
-            return
-        n.received[frame.KIND] += 1
+        sender, frame = admitted
         now = self.clock.now_s()
         if isinstance(frame, View):
             if self._tracker.observe(frame, now):
@@ -767,53 +707,9 @@ class MeshAgent:
             try:
                 self._payload_q.put_nowait((sender, frame.kind, frame.body))
             except queue.Full:
-                n.payloads["backlog_full"] += 1
+                self._n.payloads["backlog_full"] += 1
         else:
-            self._send_actions(self._membership.on_frame(frame, now), now)
-
-    # -- outbound -------------------------------------------------------------------------------
-
-    def _send_actions(self, actions: Iterable[Action], now: float) -> None:
-        for action in actions:
-            try:
-                data = encode(action.frame, max_frame_bytes=self.config.max_frame_bytes)
-            except FrameError as exc:
-                self._n.send[f"encode_{exc.reason}"] += 1
-                continue
-            if isinstance(action, Send):
-                self._send_bytes(action.to, data, action.frame.KIND, now)
-            else:
-                self._send_to_all(data, action.frame.KIND, now)
-
-    def _send_to_all(self, data: bytes, kind: str, now: float) -> None:
-        for to in list(self._peers):
-            self._send_bytes(to, data, kind, now)
-
-    def _send_bytes(self, to: str, data: bytes, kind: str, now: float) -> None:
-        if to not in self._peers:
-            self._n.send["no_route"] += 1
-            return
-        faults = self._faults.get(to)
-        if faults is not None:
-            if faults.drop_out and self._rng.random() < faults.drop_out:
-                self._n.faults["drop_out"] += 1
-                return
-            if faults.delay_s > 0:
-                if len(self._delayed) >= self.MAX_DELAYED:
-                    self._n.send["delay_queue_full"] += 1
-                    return
-                heapq.heappush(self._delayed,
-                               (now + faults.delay_s, next(self._delay_seq), to, data, kind))
-                self._n.faults["delayed"] += 1
-                return
-        self._transmit(to, data, kind)
-
-    def _transmit(self, to: str, data: bytes, kind: str) -> None:
-        if self._transport.send(to, data):
-            self._n.sent[kind] += 1
-        else:
-            self._n.send["would_block"] += 1   # not connected, or its queue is full
-            self._n.send_by_peer[to] += 1
+            self._wire.send_actions(self._membership.on_frame(frame, now), now)
 
     # -- events ---------------------------------------------------------------------------------
 
@@ -875,15 +771,6 @@ class MeshAgent:
                 with self._lock:
                     self._n.errors["payload_handler"] += 1
                 log.exception("%s: payload handler for %r failed", self.node_id, kind)
-
-
-def _author(frame: Frame) -> str | None:
-    """The node a frame says sent it (None for claims, which are relayed, and payloads)."""
-    if isinstance(frame, (Heartbeat, View)):
-        return frame.node_id
-    if isinstance(frame, (PingReq, Ack)):
-        return frame.by
-    return None
 
 
 def _finite(x: float | None) -> float | None:
