@@ -1,0 +1,255 @@
+"""The mesh on a Ray cluster: one :class:`~topology.agent.MeshAgent` per Ray node, each in a
+Ray actor pinned to its node (hard node affinity, no CPU), so it shares its node's fate — a
+crashed or hung node takes its agent with it and the others notice in well under a second.
+
+    mesh = RayMesh.start(namespace="bastion-mesh", site="tokyo", config=MeshConfig.preset("local"))
+    mesh.subscribe(tree_root_name, tree_namespace)   # "down"/"up" events -> on_node_event(...)
+    mesh.status()                                    # every agent's view
+    mesh.stop()
+
+Node ids are Ray node ids (hex), so a subscriber such as a supervisor can act on an event
+directly. An agent's loop must not be starved by the work it watches: Ray runs workers at a
+low CPU priority (nice 15); run as root, the actor raises its own threads back to nice 0 (or
+``nice``) before it starts the agent, so a saturated node does not look dead. This module is
+the only one in ``topology`` that calls Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from topology.agent import MeshAgent, Peer
+from topology.config import MeshConfig
+
+log = logging.getLogger(__name__)
+
+ACTOR_PREFIX = "mesh/"
+CALL_TIMEOUT_S = 10.0
+DELIVERY_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 3.0
+
+
+class MeshAgentActor:
+    """A Ray actor hosting this node's agent. Created by :meth:`RayMesh.start`."""
+
+    def __init__(self, site: str, host: str, config: Mapping[str, Any], *, port: int = 0,
+                 nice: int | None = 0, voter_only: bool = False) -> None:
+        import ray
+
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.site = site
+        self.reniced = _renice(nice)
+        cfg = MeshConfig.from_mapping(dict(config))
+        self.agent = MeshAgent(self.node_id, site, f"tcp://{host}:{port or '*'}", {}, cfg,
+                               voter_only=voter_only)
+        self.delivery: Counter[str] = Counter()
+        self._subscribers: list[tuple[str, str, str]] = []
+        self.agent.subscribe(self._deliver)
+        self.agent.start()
+
+    # -- peers and faults ------------------------------------------------------------------
+    def endpoint(self) -> tuple[str, str, str]:
+        """``(node_id, site, endpoint)``."""
+        return self.node_id, self.site, str(self.agent.endpoint)
+
+    def set_peers(self, peers: Mapping[str, tuple[str, str]]) -> list[str]:
+        """Make the peers exactly these ``{node_id: (endpoint, site)}`` (self ignored); returns
+        the node ids added."""
+        current = self.agent.peers()
+        added = []
+        for nid, (endpoint, site) in peers.items():
+            if nid == self.node_id or nid in current:
+                continue
+            self.agent.add_peer(nid, Peer(endpoint, site))
+            added.append(nid)
+        for nid in set(current) - set(peers):
+            self.agent.remove_peer(nid)
+        return added
+
+    def set_link_faults(self, peer: str, drop_out: float = 0.0, drop_in: float = 0.0,
+                        delay_s: float = 0.0) -> None:
+        self.agent.set_link_faults(peer, drop_out=drop_out, drop_in=drop_in, delay_s=delay_s)
+
+    def clear_link_faults(self, peer: str | None = None) -> None:
+        self.agent.clear_link_faults(peer)
+
+    # -- reading ---------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return {**self.agent.status(), "reniced": self.reniced,
+                "delivery": dict(self.delivery),
+                "subscribers": [list(s) for s in self._subscribers]}
+
+    def events_since(self, seq: int = 0) -> list[dict[str, Any]]:
+        return self.agent.events_since(seq)
+
+    def member_states(self) -> dict[str, str]:
+        return {nid: m["state"] for nid, m in self.agent.status()["members"].items()}
+
+    # -- subscribers -----------------------------------------------------------------------
+    def subscribe_actor(self, name: str, namespace: str, method: str = "on_node_event") -> None:
+        """Deliver every membership event to ``method`` of the named actor, in order, one at a
+        time (each call awaited before the next; a failed call is counted and delivery goes
+        on — the subscriber's own watches still see deaths)."""
+        entry = (name, namespace, method)
+        if entry not in self._subscribers:
+            self._subscribers.append(entry)
+
+    def _deliver(self, event: Any) -> None:
+        if event.kind not in ("up", "suspect", "down", "left", "reaped"):
+            return
+        import ray
+
+        body = event.to_dict()
+        for name, namespace, method in list(self._subscribers):
+            try:
+                handle = ray.get_actor(name, namespace=namespace)
+                ray.get(getattr(handle, method).remote(body), timeout=DELIVERY_TIMEOUT_S)
+                self.delivery[f"{event.kind}_delivered"] += 1
+            except Exception as exc:  # noqa: BLE001 - counted; delivery goes on
+                self.delivery["failed"] += 1
+                log.warning("mesh %s: %s event to %s/%s failed: %r", self.node_id[:8],
+                            event.kind, namespace, name, exc)
+
+    def stop(self, leave: bool = True) -> None:
+        self.agent.stop(leave=leave)
+
+    def __repr__(self) -> str:  # what the dashboard shows
+        states = Counter(self.member_states().values())
+        return f"MeshAgent({self.site} {self.node_id[:8]} {dict(states)})"
+
+
+def _renice(nice: int | None) -> bool:
+    """Give this thread (and the agent threads it starts next) CPU priority ``nice``; Linux
+    nice values are per thread and inherited. Needs root to go below the current value."""
+    if nice is None:
+        return False
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        return True
+    except (PermissionError, OSError):
+        return False
+
+
+@dataclass
+class RayMesh:
+    """The agents of one Ray cluster, by node id."""
+
+    namespace: str
+    handles: dict[str, Any]
+
+    @classmethod
+    def start(cls, *, namespace: str, site: str | Mapping[str, str], config: MeshConfig,
+              host: str | None = None, nodes: Iterable[str] | None = None,
+              external_peers: Mapping[str, tuple[str, str]] | None = None,
+              nice: int | None = 0) -> RayMesh:
+        """An agent on every alive node (or on ``nodes``), named ``mesh/<node id>`` in
+        ``namespace`` (detached), all peered with each other and with ``external_peers``
+        (agents elsewhere, e.g. another site's or a witness: ``{node_id: (endpoint, site)}``).
+        ``site``: one site for all, or ``{node_id: site}``. ``host``: the address agents bind
+        (default each node's Ray address)."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        alive = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
+        wanted = list(nodes) if nodes is not None else list(alive)
+        remote = ray.remote(MeshAgentActor)
+        handles: dict[str, Any] = {}
+        for nid in wanted:
+            node_site = site if isinstance(site, str) else site[nid]
+            name = ACTOR_PREFIX + nid
+            with contextlib.suppress(ValueError):
+                ray.kill(ray.get_actor(name, namespace=namespace))
+            handles[nid] = remote.options(
+                name=name, namespace=namespace, lifetime="detached", num_cpus=0,
+                max_restarts=0, max_concurrency=8,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(nid, soft=False),
+            ).remote(node_site, host or alive[nid]["NodeManagerAddress"],
+                     config.model_dump(), nice=nice)
+        mesh = cls(namespace, handles)
+        mesh.connect(external_peers or {})
+        return mesh
+
+    @classmethod
+    def attach(cls, namespace: str) -> RayMesh:
+        """The agents already running in ``namespace``."""
+        import ray
+
+        handles = {}
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry["namespace"] == namespace and entry["name"].startswith(ACTOR_PREFIX):
+                with contextlib.suppress(ValueError):
+                    handles[entry["name"][len(ACTOR_PREFIX):]] = ray.get_actor(
+                        entry["name"], namespace=namespace)
+        return cls(namespace, handles)
+
+    def endpoints(self) -> dict[str, tuple[str, str]]:
+        """``{node_id: (endpoint, site)}`` of every agent."""
+        import ray
+
+        got = ray.get([h.endpoint.remote() for h in self.handles.values()],
+                      timeout=CALL_TIMEOUT_S * 3)
+        return {nid: (endpoint, site) for nid, site, endpoint in got}
+
+    def connect(self, external_peers: Mapping[str, tuple[str, str]]) -> None:
+        """Peer every agent with every other one and with ``external_peers``."""
+        import ray
+
+        peers = {**self.endpoints(), **external_peers}
+        ray.get([h.set_peers.remote(peers) for h in self.handles.values()],
+                timeout=CALL_TIMEOUT_S * 3)
+
+    def subscribe(self, name: str, namespace: str, *, on_nodes: Iterable[str] | None = None,
+                  method: str = "on_node_event") -> None:
+        """Have the agents on ``on_nodes`` (default: all) deliver their events to an actor."""
+        import ray
+
+        targets = [self.handles[n] for n in on_nodes] if on_nodes is not None else \
+            list(self.handles.values())
+        ray.get([h.subscribe_actor.remote(name, namespace, method) for h in targets],
+                timeout=CALL_TIMEOUT_S)
+
+    def status(self) -> dict[str, Any]:
+        import ray
+
+        out: dict[str, Any] = {}
+        for nid, h in self.handles.items():
+            try:
+                out[nid] = ray.get(h.status.remote(), timeout=CALL_TIMEOUT_S)
+            except Exception as exc:  # noqa: BLE001 - a dead node's agent: say so
+                out[nid] = {"error": repr(exc)[:200]}
+        return out
+
+    def wait_all_up(self, timeout_s: float = 30.0) -> None:
+        """Until every agent sees every other one ``up``; raises TimeoutError with the views."""
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        views: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            views = {nid: ray.get(h.member_states.remote(), timeout=CALL_TIMEOUT_S)
+                     for nid, h in self.handles.items()}
+            if all(set(v) >= set(self.handles) - {nid} and
+                   all(views[nid][o] == "alive" for o in set(self.handles) - {nid})
+                   for nid, v in views.items()):
+                return
+            time.sleep(0.05)
+        raise TimeoutError(f"mesh not all up after {timeout_s:g} s: {views}")
+
+    def stop(self) -> None:
+        import ray
+
+        refs = [h.stop.remote() for h in self.handles.values()]
+        with contextlib.suppress(Exception):  # agents on dead nodes never answer
+            ray.wait(refs, num_returns=len(refs), timeout=STOP_TIMEOUT_S)
+        for h in self.handles.values():
+            with contextlib.suppress(Exception):
+                ray.kill(h)
+        self.handles.clear()
