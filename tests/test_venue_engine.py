@@ -728,3 +728,26 @@ def test_option_quotes_when_priced_then_ordered_and_put_call_parity() -> None:
     assert black76_usd(f, 30_000.0, 0.0, 0.5, "call") == 10_000.0
     expired = quote_option(chain[0], f, chain[0].expiration_timestamp_s + 1, s)
     assert expired is None
+
+
+def test_place_when_label_carries_an_older_epoch_then_fenced_and_counted() -> None:
+    from actors.venue.clock import ManualClock
+    from actors.venue.engine import VenueConfig, VenueEngine
+    from actors.venue.instruments import default_instruments
+
+    clock = ManualClock(1_700_000_000.0)
+    engine = VenueEngine(VenueConfig(default_instruments(clock.now_s()), seed=1), clock)
+    order = {"amount": 10, "type": "limit", "price": 1000.0}
+    assert not isinstance(engine.buy("a", "BTC-PERPETUAL", label="e3.tokyo.1", **order),
+                          Rejection)
+    assert not isinstance(engine.buy("a", "BTC-PERPETUAL", label="e4.london.1", **order),
+                          Rejection)
+    late = engine.buy("a", "BTC-PERPETUAL", label="e3.tokyo.2", **order)
+    assert isinstance(late, Rejection) and late.reason == "fenced_epoch"
+    assert engine.stats.fenced_orders == 1
+    # a resend of a label the venue already has is still idempotent, fenced or not
+    again = engine.buy("a", "BTC-PERPETUAL", label="e3.tokyo.1", **order)
+    assert not isinstance(again, Rejection) and again.duplicate
+    # fencing is per account, and unstamped labels are never fenced
+    assert not isinstance(engine.buy("b", "BTC-PERPETUAL", label="e1.x.1", **order), Rejection)
+    assert not isinstance(engine.buy("a", "BTC-PERPETUAL", label="plain.9", **order), Rejection)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
@@ -87,6 +88,10 @@ class VenueConfig:
             raise VenueConfigError("seed", self.seed, "must be an int")
 
 
+#: A label stamped with a fencing epoch (see ``VenueEngine._fence``).
+EPOCH_LABEL = re.compile(r"^e(\d{1,18})\.")
+
+
 @dataclass
 class VenueStats:
     """Counters for tests and the operator (nothing here drives behaviour)."""
@@ -99,6 +104,7 @@ class VenueStats:
     ticks_applied: int = 0
     ticks_skipped: Counter[str] = field(default_factory=Counter)  # by reason
     price_spikes_applied: int = 0
+    fenced_orders: int = 0  # refused: stamped with an epoch older than one already seen
 
 
 class VenueEngine:
@@ -124,6 +130,7 @@ class VenueEngine:
         self._publisher = BookPublisher(config.seed)
         self._faults = Faults()
         self._spike_left = 0
+        self._fence_epochs: dict[str, int] = {}
         self.stats = VenueStats()
         if faults is not None:
             self.set_faults(faults)
@@ -155,6 +162,23 @@ class VenueEngine:
     def _gate(self) -> Rejection | None:
         if self._faults.outage:
             return self._reject(reject("temporarily_unavailable", "outage"))
+        return None
+
+    def _fence(self, account: str, label: str) -> Rejection | None:
+        """Fencing tokens. A label ``e<epoch>.<rest>`` carries the epoch of the lease its
+        sender held when it sent the order. The highest epoch seen per account is kept; an
+        order stamped with a lower one comes from a site that has lost its lease, and is
+        refused (``other_reject``, reason ``fenced_epoch``) — the second line of defence behind
+        the lease itself. Unstamped labels are not fenced."""
+        match = EPOCH_LABEL.match(label)
+        if match is None:
+            return None
+        epoch = int(match.group(1))
+        highest = self._fence_epochs.get(account, 0)
+        if epoch < highest:
+            self.stats.fenced_orders += 1
+            return reject("other_reject", "fenced_epoch", "label")
+        self._fence_epochs[account] = epoch
         return None
 
     def _storm(self) -> Rejection | None:
@@ -233,6 +257,8 @@ class VenueEngine:
             self.stats.duplicate_labels += 1
             original = self._orders[self._labels[(account, label)]]
             return OrderResult(self._snap(original), (), duplicate=True)
+        if (fenced := self._fence(account, label)) is not None:
+            return self._reject(fenced)
         if (storm := self._storm()) is not None:
             return storm
         req = validate_order(self._instruments, direction, instrument_name, amount, type, price,

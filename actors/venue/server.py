@@ -529,6 +529,7 @@ class VenueServer:
             "engine": {"rejections": dict(stats.rejections), "trades": stats.trades,
                        "orders_created": stats.orders_created,
                        "duplicate_labels": stats.duplicate_labels,
+                       "fenced_orders": stats.fenced_orders,
                        "ticks_applied": stats.ticks_applied,
                        "ticks_skipped": dict(stats.ticks_skipped)},
             "l1_feed": self.l1.status(),
