@@ -24,7 +24,6 @@ import contextlib
 import json
 import logging
 import math
-import random
 import re
 import time
 from collections import Counter
@@ -41,6 +40,7 @@ from actors.connector_core import (
     TopOfBook,
     derive_label,
     fill_event,
+    reconnect_delay_s,
     validate_order,
 )
 from supervisors import EventSourced, current_context
@@ -141,7 +141,7 @@ class VenueConnector(EventSourced):
     def __init__(self, venue: str, ws_url: str, client_id: str, client_secret: str,
                  instruments: list[str], subscribers: list[str] | None = None,
                  publish_interval_s: float = 0.05, heartbeat_s: float = 10.0,
-                 reconnect_max_s: float = 5.0,
+                 reconnect_max_s: float = 5.0, l1_url: str | None = None,
                  options: Mapping[str, Any] | None = None) -> None:
         if not instruments:
             raise ValueError("instruments must not be empty")
@@ -155,6 +155,7 @@ class VenueConnector(EventSourced):
         self.publish_interval_s = publish_interval_s
         self.heartbeat_s = heartbeat_s
         self.reconnect_max_s = reconnect_max_s
+        self.l1_url = l1_url  # the venue's binary top-of-book feed, instead of book channels
         ctx = current_context()
         self.connector_id = (ctx.path.replace("/", "-") if ctx else f"conn-{venue}")
         self.ledger = Ledger()
@@ -176,6 +177,7 @@ class VenueConnector(EventSourced):
         self._outbox: dict[str, list[dict[str, Any]]] = {}
         self._fill_refs: dict[str, tuple[Any, list[dict[str, Any]]]] = {}
         self._tracker: Any = None
+        self._l1: Any = None  # actors.connector_l1.L1Client when l1_url is set
 
     # ---------------------------------------------------------------- EventSourced
     def apply(self, event: dict[str, Any]) -> None:
@@ -272,6 +274,7 @@ class VenueConnector(EventSourced):
 
     def status(self) -> dict[str, Any]:
         return {"venue": self.venue, "state": self.machine.state,
+                "market_data": "l1" if self.l1_url else "book",
                 "positions": self.positions(), "fills": len(self.ledger.fills),
                 "open_orders": len(self.ledger.unresolved()),
                 "journal_seq": self.journal_seq, "epoch": self.journal_epoch,
@@ -326,6 +329,13 @@ class VenueConnector(EventSourced):
         self._undelivered = list(self.ledger.fills.values())  # at-least-once on restart
         self._tasks.append(asyncio.get_running_loop().create_task(self._main()))
         self._tasks.append(asyncio.get_running_loop().create_task(self._publisher()))
+        if self.l1_url:
+            from actors.connector_l1 import L1Client
+
+            self._l1 = L1Client(self.l1_url, self._client_id, self._client_secret,
+                                self.instruments, self.counters, self.reconnect_max_s,
+                                lambda: self.machine.state == "STOPPED")
+            self._tasks.append(asyncio.get_running_loop().create_task(self._l1.run()))
 
     async def _wait_running(self, wait_s: float) -> bool:
         if self._running is None:
@@ -362,8 +372,7 @@ class VenueConnector(EventSourced):
             self._fail_pending(ConnectionError("disconnected"))
             self.machine.transition("disconnected", "connection closed")
             attempt += 1
-            delay_s = min(self.reconnect_max_s, 0.05 * 2 ** min(attempt, 10))
-            await asyncio.sleep(delay_s * random.uniform(0.5, 1.0))
+            await asyncio.sleep(reconnect_delay_s(attempt, self.reconnect_max_s))
 
     async def _on_connected(self) -> None:
         await self._call("public/auth", {"grant_type": "client_credentials",
@@ -377,8 +386,8 @@ class VenueConnector(EventSourced):
         from actors.venue.feed import ChangeIdTracker
 
         self._tracker = ChangeIdTracker()
-        channels = [f"book.{i}.raw" for i in self.instruments] + \
-                   [f"user.trades.{i}.raw" for i in self.instruments] + \
+        books = [] if self.l1_url else [f"book.{i}.raw" for i in self.instruments]
+        channels = books + [f"user.trades.{i}.raw" for i in self.instruments] + \
                    [f"user.orders.{i}.raw" for i in self.instruments]
         await self._call("private/subscribe", {"channels": channels})
         await self._reconcile_fills()  # fills that landed between reconcile and subscribe
@@ -593,7 +602,7 @@ class VenueConnector(EventSourced):
             new_fills = [_deribit_trade(f) for f in self._undelivered]
             self._undelivered = []
             if not self.subscribers:
-                self.book.dirty.clear()
+                self._marks_batch()  # nobody takes marks: drop them
                 continue
             for name in self.subscribers:
                 self._outbox.setdefault(name, []).extend(new_fills)
@@ -620,6 +629,11 @@ class VenueConnector(EventSourced):
                     self.counters["publish_failed"] += 1
 
     def _marks_batch(self) -> dict[str, Any] | None:
+        if self._l1 is not None:
+            batch = self._l1.take()
+            if batch is not None:
+                batch["venue"], batch["ts"] = self.venue, time.time()
+            return batch
         names = sorted(self.book.dirty)
         self.book.dirty.clear()
         if not names:
