@@ -43,6 +43,7 @@ from actors.connector_core import (
     reconnect_delay_s,
     validate_order,
 )
+from actors.connector_role import RoleGate
 from supervisors import EventSourced, current_context
 
 log = logging.getLogger("bastion.connector")
@@ -142,7 +143,7 @@ class VenueConnector(EventSourced):
                  instruments: list[str], subscribers: list[str] | None = None,
                  publish_interval_s: float = 0.05, heartbeat_s: float = 10.0,
                  reconnect_max_s: float = 5.0, l1_url: str | None = None,
-                 options: Mapping[str, Any] | None = None) -> None:
+                 options: Mapping[str, Any] | None = None, role_gated: bool = False) -> None:
         if not instruments:
             raise ValueError("instruments must not be empty")
         self.option_selector = None if options is None else OptionSelector.from_config(options)
@@ -178,6 +179,8 @@ class VenueConnector(EventSourced):
         self._fill_refs: dict[str, tuple[Any, list[dict[str, Any]]]] = {}
         self._tracker: Any = None
         self._l1: Any = None  # actors.connector_l1.L1Client when l1_url is set
+        # multi-site: orders only while this site holds the venue's lease (connector_role)
+        self.role = RoleGate(role_gated, venue)
 
     # ---------------------------------------------------------------- EventSourced
     def apply(self, event: dict[str, Any]) -> None:
@@ -203,9 +206,13 @@ class VenueConnector(EventSourced):
         if not await self._wait_running(wait_s):
             self.counters["orders_refused_state"] += 1
             return {"status": "refused", "reason": f"connector is {self.machine.state}"}
+        # No await from this check to the send: a lapsed lease can never slip in between.
+        if not self.role.may_send(time.monotonic()):
+            self.counters["orders_refused_role"] += 1
+            return {"status": "refused", "reason": self.role.refusal(time.monotonic())}
         intent = {"t": "intent", "label": "", **req}
         seq = self.journal_seq + 1
-        intent["label"] = derive_label(self.connector_id, seq)
+        intent["label"] = self.role.label(derive_label(self.connector_id, seq))
         acked_seq = self.emit(intent)
         assert acked_seq == seq, (acked_seq, seq)
         label = intent["label"]
@@ -275,6 +282,7 @@ class VenueConnector(EventSourced):
     def status(self) -> dict[str, Any]:
         return {"venue": self.venue, "state": self.machine.state,
                 "market_data": "l1" if self.l1_url else "book",
+                "role": self.role.status(time.monotonic()),
                 "positions": self.positions(), "fills": len(self.ledger.fills),
                 "open_orders": len(self.ledger.unresolved()),
                 "journal_seq": self.journal_seq, "epoch": self.journal_epoch,
@@ -284,6 +292,47 @@ class VenueConnector(EventSourced):
     def __repr__(self) -> str:
         return (f"VenueConnector({self.venue} {self.machine.state} "
                 f"fills={len(self.ledger.fills)} pos={self.positions()})")
+
+    async def on_role_event(self, event: dict[str, Any]) -> dict[str, Any]:
+        """A role event from the site's lease (see ``actors.connector_role``): activation
+        reconciles with the venue before the first order; deactivation cancels the orders this
+        connector has resting. Returns the gate's status."""
+        action = self.role.on_event(event, time.monotonic(), time.time())
+        loop = asyncio.get_running_loop()
+        if action == "activate":
+            loop.create_task(self._activate(self.role.epoch))
+        elif action == "deactivate":
+            loop.create_task(self._cancel_own_open("site deactivated"))
+        return self.role.status(time.monotonic())
+
+    async def _activate(self, epoch: int) -> None:
+        if not await self._wait_running(30.0):
+            return  # still not connected: the next renewal retries
+        try:
+            await self._reconcile()  # fills and orders are the venue's, whoever sent them
+        except Exception as exc:  # noqa: BLE001 - stays ACTIVATING; lapses if not renewed
+            self.counters["activation_failed"] += 1
+            log.warning("%s: activation reconcile failed: %r", self.venue, exc)
+            return
+        if self.role.epoch == epoch and self.role.reconciled(time.monotonic()):
+            self.counters["activations"] += 1
+
+    async def _cancel_own_open(self, why: str) -> None:
+        for order in list(self.ledger.orders.values()):
+            if order.state == "open" and order.order_id is not None:
+                try:
+                    result = await self._call("private/cancel", {"order_id": order.order_id})
+                    self._record_order(result, order.label)
+                    self.counters["cancelled_on_deactivate"] += 1
+                except (TimeoutError, VenueError, ConnectionError) as exc:
+                    log.warning("%s: cancel on %s failed: %r", self.venue, why, exc)
+
+    async def _role_watch(self) -> None:
+        """A gated connector lapses to STANDBY by itself when renewals stop."""
+        while self.machine.state != "STOPPED":
+            await asyncio.sleep(0.02)
+            if self.role.lapse_if_due(time.monotonic()):
+                await self._cancel_own_open("lease lapsed")
 
     def on_stop(self) -> None:
         self.machine.transition("stop", "supervisor stop")
@@ -329,6 +378,8 @@ class VenueConnector(EventSourced):
         self._undelivered = list(self.ledger.fills.values())  # at-least-once on restart
         self._tasks.append(asyncio.get_running_loop().create_task(self._main()))
         self._tasks.append(asyncio.get_running_loop().create_task(self._publisher()))
+        if self.role.enabled:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._role_watch()))
         if self.l1_url:
             from actors.connector_l1 import L1Client
 

@@ -69,3 +69,77 @@ def test_gate_when_event_malformed_or_foreign_then_ignored_and_counted() -> None
     assert gate.on_event({**ev("activate", 1), "valid_for_s": float("nan")}, 0.0, 100.0) is None
     assert gate.counts["ignored"] == 4 and gate.counts["malformed"] == 1
     assert gate.state == "STANDBY"
+
+
+# --- two gated connectors on one venue account, under a real tree ---------------------------
+def test_gated_connectors_when_roles_move_then_only_the_active_orders_and_the_venue_fences(
+        namespace, store_url, trees) -> None:
+    import time
+
+    import ray
+
+    from actors.venue.process import VenueProcess
+    from supervisors import ChildSpec, SupervisorSpec, start_tree
+    from tests.conftest import wait_until
+    from tests.test_connector import KEYS, rpc, venue_position
+
+    (cid, secret), = KEYS.items()
+    with VenueProcess.start("deribit", seed=9, keys=KEYS, speedup=60.0) as venue:
+        spec = SupervisorSpec(id="root", children=[
+            ChildSpec(id=site, cls="actors.connector:VenueConnector", kwargs={
+                "venue": "deribit", "ws_url": venue.ws_url, "client_id": cid,
+                "client_secret": secret, "instruments": ["BTC-PERPETUAL"],
+                "role_gated": True}) for site in ("tokyo", "london")])
+        tree = start_tree(spec, namespace=namespace, store_url=store_url)
+        trees.append(tree)
+        tokyo, london = tree.actor("root/tokyo"), tree.actor("root/london")
+        for conn in (tokyo, london):
+            wait_until(lambda c=conn: ray.get(c.state.remote(), timeout=5) == "RUNNING", 60,
+                       "connector RUNNING")
+        market = {"instrument": "BTC-PERPETUAL", "direction": "buy", "amount": 10,
+                  "type": "market"}
+
+        def submit(conn, order=market) -> dict:
+            return ray.get(conn.submit.remote(order, 1.0), timeout=30)
+
+        def role(conn, kind: str, epoch: int, valid_for_s: float = 30.0) -> dict:
+            return ray.get(conn.on_role_event.remote(
+                {"kind": kind, "resource": "deribit", "epoch": epoch,
+                 "valid_for_s": valid_for_s, "sent_wall_s": time.time()}), timeout=10)
+
+        out = submit(tokyo)
+        assert out["status"] == "refused" and "STANDBY" in out["reason"]
+        role(tokyo, "activate", 1)
+        wait_until(lambda: ray.get(tokyo.status.remote(), timeout=5)["role"]["state"]
+                   == "ACTIVE", 20, "tokyo ACTIVE after reconciling")
+        out = submit(tokyo)
+        assert out["status"] == "accepted" and out["label"].startswith("e1."), out
+        assert submit(london)["status"] == "refused"
+
+        # Split brain as the venue sees it: tokyo still believes it is active (epoch 1, its
+        # deadline not yet passed) when london takes over with epoch 2.
+        role(london, "activate", 2)
+        wait_until(lambda: ray.get(london.status.remote(), timeout=5)["role"]["state"]
+                   == "ACTIVE", 20, "london ACTIVE")
+        assert submit(london)["status"] == "accepted"
+        late = submit(tokyo)
+        assert late["status"] == "rejected" and "fenced_epoch" in late["reason"], late
+        engine = rpc(venue, "public/simulator/status")["engine"]
+        assert engine["fenced_orders"] == 1 and engine["duplicate_labels"] == 0
+
+        # Renewals stop: london lapses by itself, before its lease ends, and cancels what rests.
+        role(london, "renew", 2, valid_for_s=1.0)
+        resting = submit(london, {"instrument": "BTC-PERPETUAL", "direction": "buy",
+                                  "amount": 10, "type": "limit", "price": 1000.0})
+        assert resting["status"] == "accepted" and resting["state"] == "open", resting
+        status = wait_until(lambda: (s := ray.get(london.status.remote(), timeout=5))
+                            ["role"]["state"] == "STANDBY" and s, 10, "london lapsed")
+        assert status["role"]["counts"]["lapsed"] == 1
+        assert submit(london)["status"] == "refused"
+        wait_until(lambda: not rpc(venue, "private/get_open_orders_by_currency",
+                                   {"currency": "BTC"}), 10, "resting order cancelled")
+        # Both connectors hear every fill on the shared account: positions agree with the venue.
+        wait_until(lambda: ray.get(london.positions.remote(), timeout=5) ==
+                   {"BTC-PERPETUAL": venue_position(venue)} ==
+                   ray.get(tokyo.positions.remote(), timeout=5), 20, "positions agree")
+        assert venue_position(venue) == 20.0
