@@ -52,6 +52,9 @@ class MeshAgentActor:
                                voter_only=voter_only)
         self.delivery: Counter[str] = Counter()
         self._subscribers: list[tuple[str, str, str]] = []
+        self.roles: Any = None
+        self.role_log: list[dict[str, Any]] = []
+        self._role_subs: dict[str, list[tuple[str, str]]] = {}
         self.agent.subscribe(self._deliver)
         self.agent.start()
 
@@ -118,7 +121,61 @@ class MeshAgentActor:
                 log.warning("mesh %s: %s event to %s/%s failed: %r", self.node_id[:8],
                             event.kind, namespace, name, exc)
 
+    # -- site roles (on the site's controller agent) --------------------------------------
+    def enable_roles(self, resources: list[str], voters: list[str], lease: Mapping[str, Any],
+                     promise_dir: str, preferred: Mapping[str, str],
+                     subscribers: Mapping[str, list[tuple[str, str]]]) -> None:
+        """Host this site's failover roles (:class:`topology.sites.SiteRoles`) on this agent
+        and send each role change to the ``on_role_event`` of the actors subscribed to its
+        resource (``{resource: [(name, namespace), ...]}``): ``activate`` / ``renew`` with the
+        epoch and ``valid_for_s`` (the acting window left, on this clock, when sent) and
+        ``sent_wall_s``; ``deactivate`` with the reason. Calls are fired in order and not
+        awaited (a renewal must never wait on a busy subscriber); a subscriber restarted
+        under the same name gets the next renewal."""
+        from pathlib import Path
+
+        from topology.lease import LeaseConfig
+        from topology.sites import SiteRoles
+
+        self._role_subs = {r: [tuple(x) for x in v] for r, v in subscribers.items()}
+        self.roles = SiteRoles(
+            self.agent, self.site, resources, voters, LeaseConfig(**dict(lease)),
+            Path(promise_dir), preferred=dict(preferred),
+            on_activate=lambda r, e, until: self._role_event("activate", r, e, until),
+            on_renew=lambda r, e, until: self._role_event("renew", r, e, until),
+            on_deactivate=lambda r, e, why: self._role_event("deactivate", r, e, None, why))
+        self.roles.start()
+
+    def _role_event(self, kind: str, resource: str, epoch: int, until_s: float | None,
+                    reason: str = "") -> None:
+        import ray
+
+        event: dict[str, Any] = {"kind": kind, "resource": resource, "epoch": epoch,
+                                 "sent_wall_s": time.time(), "reason": reason,
+                                 "site": self.site}
+        if until_s is not None:
+            event["valid_for_s"] = until_s - self.roles.clock.now_s()
+        self.role_log.append(event)
+        del self.role_log[:-200]
+        for name, namespace in self._role_subs.get(resource, []):
+            try:
+                ray.get_actor(name, namespace=namespace).on_role_event.remote(event)
+                self.delivery[f"role_{kind}_sent"] += 1
+            except Exception:  # noqa: BLE001 - not there (restarting): the next renewal
+                self.delivery["role_undeliverable"] += 1
+
+    def roles_status(self) -> dict[str, Any]:
+        return {**self.roles.status(), "events": self.role_log[-20:]}
+
+    def may_act(self, resource: str) -> bool:
+        return self.roles.may_act(resource)
+
+    def transfer(self, resource: str, to_site: str) -> dict[str, Any]:
+        return self.roles.transfer(resource, to_site).to_dict()
+
     def stop(self, leave: bool = True) -> None:
+        if self.roles is not None:
+            self.roles.stop(release=leave)
         self.agent.stop(leave=leave)
 
     def __repr__(self) -> str:  # what the dashboard shows

@@ -1,0 +1,262 @@
+"""Several sites on one machine, each its own Ray cluster, joined by one heartbeat mesh, with a
+witness process: the local stand-in for a geographically redundant deployment.
+
+    sites = MultiSite.start({"tokyo": 1, "london": 1}, work_dir, resources=["deribit"],
+                            preferred={"deribit": "tokyo"})
+    with sites.use("tokyo"):          # this process's Ray connection is now tokyo's cluster
+        start_tree(...)
+    sites.cut_off("tokyo")            # tokyo's agents and the others stop hearing each other
+    sites.heal()
+    sites.shutdown()
+
+A Ray cluster's control plane lives in one place, so a region must be its own cluster: each site
+here is a :class:`~cluster.local.LocalCluster` (a head + workers), with a mesh agent on every
+node (:class:`topology.ray_mesh.RayMesh`) peered with every agent of every site and with the
+witness. The head's agent of each site is its *controller*: it hosts the site's lease voter and
+failover roles (:class:`topology.sites.SiteRoles`); the voters are the controllers and the
+witness, so two sites break ties through the third place. Role changes reach the actors
+subscribed per resource (the venue connectors) as ``on_role_event`` calls.
+
+``cut_off(site)`` partitions a site at the mesh's socket level (every link between its agents
+and everyone else dropped both ways, on both ends): what the lease and the order path see of a
+real partition. Real network partitions (namespaces + nftables) are ``cluster.chaos.netns``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cluster.local import LocalCluster, NodeConfig
+
+MESH_NAMESPACE = "bastion-mesh"
+WITNESS_ID = "witness"
+READY_TIMEOUT_S = 30.0
+
+
+@dataclass
+class WitnessProcess:
+    """The witness: ``python -m topology.witness`` with a loopback control socket."""
+
+    popen: subprocess.Popen[str]
+    endpoint: str
+    control: str
+
+    @classmethod
+    def start(cls, work_dir: Path, mesh_preset: str, lease: Mapping[str, Any]) -> WitnessProcess:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        config = {"node_id": WITNESS_ID, "site": WITNESS_ID, "preset": mesh_preset,
+                  "voter_only": True, "lease_voter": {
+                      "store": str(work_dir / "witness-promises.json"), "preset": "local",
+                      "overrides": dict(lease)}}
+        path = work_dir / "witness.json"
+        path.write_text(json.dumps(config))
+        log = open(work_dir / "witness.log", "w")  # noqa: SIM115 - owned by the process
+        popen = subprocess.Popen([sys.executable, "-u", "-m", "topology.witness", "--config",
+                                  str(path)], stdout=subprocess.PIPE, stderr=log, text=True,
+                                 stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        assert popen.stdout is not None
+        line = ""
+        while time.monotonic() < deadline and popen.poll() is None:
+            line = popen.stdout.readline().strip()
+            if line.startswith("MESH_READY "):
+                break
+        if not line.startswith("MESH_READY "):
+            popen.kill()
+            raise RuntimeError(f"witness did not start (see {work_dir / 'witness.log'})")
+        fields = dict(part.split("=", 1) for part in line.split()[1:])
+        return cls(popen, fields["endpoint"], fields["control"])
+
+    def call(self, op: str, **args: Any) -> Any:
+        from topology.agent_process import ControlClient
+
+        client = ControlClient(self.control, timeout_s=5.0)
+        try:
+            return client.call(op, **args)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+
+@dataclass
+class Site:
+    name: str
+    cluster: LocalCluster
+    agents: dict[str, tuple[str, str]] = field(default_factory=dict)  # node -> (endpoint, site)
+    controller: str = ""  # the head's node id
+
+
+class MultiSite:
+    """See the module docstring."""
+
+    def __init__(self, sites: dict[str, Site], witness: WitnessProcess | None,
+                 work_dir: Path) -> None:
+        self.sites = sites
+        self.witness = witness
+        self.work_dir = work_dir
+        self._current: str | None = None
+
+    # -- start ---------------------------------------------------------------------------
+    @classmethod
+    def start(cls, workers: Mapping[str, int], work_dir: Path, *, resources: Sequence[str],
+              preferred: Mapping[str, str], mesh_preset: str = "local",
+              lease: Mapping[str, Any] | None = None, witness: bool = True,
+              include_dashboard: bool = False) -> MultiSite:
+        """Clusters, mesh, witness and roles, in that order; on failure all is stopped."""
+        from topology.config import MeshConfig
+        from topology.lease import LeaseConfig
+
+        lease_cfg = LeaseConfig.preset("local", **dict(lease or {}))
+        lease_fields = lease_cfg.model_dump()
+        work_dir.mkdir(parents=True, exist_ok=True)
+        out = cls({}, None, work_dir)
+        try:
+            if witness:
+                out.witness = WitnessProcess.start(work_dir / "witness", mesh_preset,
+                                                   lease_fields)
+            for name, n in workers.items():
+                nodes = [NodeConfig("head", site=name, zone="a", num_cpus=0)] + [
+                    NodeConfig(f"{name}-{i}", site=name, zone="abc"[(i - 1) % 3], num_cpus=4)
+                    for i in range(1, n + 1)]
+                cluster = LocalCluster.start(nodes, work_dir=work_dir / f"site-{name}",
+                                             include_dashboard=include_dashboard)
+                out.sites[name] = Site(name, cluster)
+                with out.use(name):
+                    import ray
+
+                    from topology.ray_mesh import RayMesh
+
+                    mesh = RayMesh.start(namespace=MESH_NAMESPACE, site=name,
+                                         config=MeshConfig.preset(mesh_preset))
+                    out.sites[name].agents = mesh.endpoints()
+                    out.sites[name].controller = next(
+                        n["NodeID"] for n in ray.nodes()
+                        if n["Alive"] and n["Labels"].get("bastion-node") == "head")
+            everyone = {nid: ep for s in out.sites.values() for nid, ep in s.agents.items()}
+            if out.witness is not None:
+                for nid, (endpoint, site) in everyone.items():
+                    out.witness.call("add_peer", node_id=nid, endpoint=endpoint, site=site)
+                everyone[WITNESS_ID] = (out.witness.endpoint, WITNESS_ID)
+            voters = [s.controller for s in out.sites.values()] + (
+                [WITNESS_ID] if out.witness is not None else [])
+            for name in out.sites:
+                with out.use(name):
+                    from topology.ray_mesh import RayMesh
+
+                    mesh = RayMesh.attach(MESH_NAMESPACE)
+                    mesh.connect({k: v for k, v in everyone.items()
+                                  if k not in out.sites[name].agents})
+            out._voters = voters
+            out._lease_fields = lease_fields
+            out._resources = list(resources)
+            out._preferred = dict(preferred)
+        except BaseException:
+            out.shutdown()
+            raise
+        return out
+
+    def enable_roles(self, subscribers: Mapping[str, Mapping[str, list[tuple[str, str]]]]
+                     ) -> None:
+        """Start every site's failover roles; ``subscribers``: site -> resource -> actors
+        (``(name, namespace)``) told of role changes. Call after the subscribers' trees exist."""
+        for name, site in self.sites.items():
+            with self.use(name):
+                import ray
+
+                handle = ray.get_actor(f"mesh/{site.controller}", namespace=MESH_NAMESPACE)
+                ray.get(handle.enable_roles.remote(
+                    self._resources, self._voters, self._lease_fields,
+                    str(self.work_dir / f"site-{name}" / "promises"), self._preferred,
+                    dict(subscribers.get(name, {}))), timeout=30)
+
+    # -- the driver's connection ---------------------------------------------------------
+    @contextlib.contextmanager
+    def use(self, site: str) -> Iterator[Site]:
+        """Point this process's Ray connection at ``site``'s cluster (for the block)."""
+        import ray
+
+        target = self.sites[site]
+        if self._current != site:
+            if ray.is_initialized():
+                ray.shutdown()
+            os.environ.setdefault("RAY_AUTH_MODE", target.cluster.auth_mode)
+            ray.init(address=target.cluster.address, logging_level="ERROR",
+                     log_to_driver=False)
+            self._current = site
+        yield target
+
+    def controller(self, site: str) -> Any:
+        """The handle of ``site``'s controller agent (inside ``use(site)``)."""
+        import ray
+
+        return ray.get_actor(f"mesh/{self.sites[site].controller}", namespace=MESH_NAMESPACE)
+
+    def roles(self, site: str) -> dict[str, Any]:
+        import ray
+
+        with self.use(site):
+            return ray.get(self.controller(site).roles_status.remote(), timeout=10)
+
+    # -- faults ----------------------------------------------------------------------------
+    def cut_off(self, site: str) -> None:
+        """Drop every mesh frame between ``site``'s agents and all others, both ways, at both
+        ends (a partition of that site, as the mesh and the leases see it)."""
+        self._set_cut(site, 1.0)
+
+    def heal(self) -> None:
+        for name in self.sites:
+            self._set_cut(name, 0.0)
+
+    def _set_cut(self, site: str, p: float) -> None:
+        import ray
+
+        inside = self.sites[site].agents
+        outside = {nid for s in self.sites.values() if s.name != site for nid in s.agents}
+        if self.witness is not None:
+            outside.add(WITNESS_ID)
+        for name, other in self.sites.items():
+            with self.use(name):
+                handles = {nid: ray.get_actor(f"mesh/{nid}", namespace=MESH_NAMESPACE)
+                           for nid in other.agents}
+                refs = []
+                for nid, handle in handles.items():
+                    peers = outside if nid in inside else set(inside)
+                    for peer in peers:
+                        refs.append(handle.set_link_faults.remote(peer, p, p) if p else
+                                    handle.clear_link_faults.remote(peer))
+                ray.get(refs, timeout=30)
+        if self.witness is not None:
+            for nid in inside:
+                if p:
+                    self.witness.call("set_link_faults", peer=nid, drop_out=p, drop_in=p)
+                else:
+                    self.witness.call("clear_link_faults", peer=nid)
+
+    # -- stop ------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        self._current = None
+        for site in self.sites.values():
+            site.cluster.shutdown()
+        if self.witness is not None:
+            self.witness.stop()
