@@ -418,6 +418,7 @@ class MakerBook:
     own_labels: dict[str, None] = field(default_factory=dict)          # insertion-ordered
     unattributed: dict[str, list[list[Any]]] = field(default_factory=dict)
     pending_hedges: dict[str, list[Any]] = field(default_factory=dict)
+    own_fills: int = 0                                                 # fills credited
     outcomes: Counter[str] = field(default_factory=Counter)
     machine: MakerMachine = field(default_factory=MakerMachine)
 
@@ -494,6 +495,7 @@ class MakerBook:
     def _credit(self, name: str, signed: float, label: str) -> None:
         self.positions[name] = self.positions.get(name, 0.0) + signed
         self.label_fills[label] = self.label_fills.get(label, 0.0) + abs(signed)
+        self.own_fills += 1
 
     def _settle_hedges(self) -> None:
         for label, (_, signed) in list(self.pending_hedges.items()):
@@ -510,7 +512,8 @@ class MakerBook:
                 "trade_ids": sorted(self.trade_ids), "intents": self.intents,
                 "live": self.live, "label_fills": self.label_fills,
                 "own_labels": list(self.own_labels), "unattributed": self.unattributed,
-                "pending_hedges": self.pending_hedges, "outcomes": dict(self.outcomes),
+                "pending_hedges": self.pending_hedges, "own_fills": self.own_fills,
+                "outcomes": dict(self.outcomes),
                 "state": self.machine.state.value,
                 "history": [t.to_dict() for t in self.machine.history]}
 
@@ -522,6 +525,7 @@ class MakerBook:
         self.own_labels = dict.fromkeys(s["own_labels"])
         self.unattributed = {k: [list(x) for x in v] for k, v in s["unattributed"].items()}
         self.pending_hedges = {k: list(v) for k, v in s["pending_hedges"].items()}
+        self.own_fills = int(s["own_fills"])
         self.outcomes = Counter(s["outcomes"])
         self.machine = MakerMachine(MMState(s["state"]))
         for t in s["history"]:
@@ -755,7 +759,8 @@ class RoutedStrategy(EventSourced):
         return {"strategy_id": self.strategy_id, "state": self.book.machine.state.value,
                 "positions": self.positions(), "risk_state": self.last_risk_state,
                 "live": dict(self.book.live), "pending_intents": list(self.book.intents),
-                "fills": len(self.book.trade_ids), "outcomes": dict(self.book.outcomes),
+                "fills": self.book.own_fills, "fills_seen": len(self.book.trade_ids),
+                "outcomes": dict(self.book.outcomes),
                 "unattributed_labels": len(self.book.unattributed),
                 "counters": dict(self.counters), "transitions": self.transitions()[-20:],
                 "journal_seq": getattr(self, "_es_seq", 0)}
