@@ -215,23 +215,28 @@ class MultiSite:
             return ray.get(self.controller(site).roles_status.remote(), timeout=10)
 
     # -- faults ----------------------------------------------------------------------------
-    def cut_off(self, site: str) -> None:
+    def cut_off(self, site: str) -> float:
         """Drop every mesh frame between ``site``'s agents and all others, both ways, at both
-        ends (a partition of that site, as the mesh and the leases see it)."""
-        self._set_cut(site, 1.0)
+        ends (a partition of that site, as the mesh and the leases see it). Returns the wall
+        time at which ``site``'s own agents were cut (they are first): from then on it can
+        neither hear nor renew."""
+        return self._set_cut(site, 1.0)
 
     def heal(self) -> None:
         for name in self.sites:
             self._set_cut(name, 0.0)
 
-    def _set_cut(self, site: str, p: float) -> None:
+    def _set_cut(self, site: str, p: float) -> float:
         import ray
 
+        first_cut = float("nan")
         inside = self.sites[site].agents
         outside = {nid for s in self.sites.values() if s.name != site for nid in s.agents}
         if self.witness is not None:
             outside.add(WITNESS_ID)
-        for name, other in self.sites.items():
+        order = [site] + [n for n in self.sites if n != site]  # the site itself first
+        for name in order:
+            other = self.sites[name]
             with self.use(name):
                 handles = {nid: ray.get_actor(f"mesh/{nid}", namespace=MESH_NAMESPACE)
                            for nid in other.agents}
@@ -242,12 +247,15 @@ class MultiSite:
                         refs.append(handle.set_link_faults.remote(peer, p, p) if p else
                                     handle.clear_link_faults.remote(peer))
                 ray.get(refs, timeout=30)
+            if name == site:
+                first_cut = time.time()
         if self.witness is not None:
             for nid in inside:
                 if p:
                     self.witness.call("set_link_faults", peer=nid, drop_out=p, drop_in=p)
                 else:
                     self.witness.call("clear_link_faults", peer=nid)
+        return first_cut
 
     # -- stop ------------------------------------------------------------------------------
     def shutdown(self) -> None:
