@@ -4,6 +4,7 @@ and children migrated off a node the mesh declares down before Ray itself notice
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import time
 import uuid
@@ -24,8 +25,9 @@ COUNTER = "supervisors.examples:Counter"
 
 
 @pytest.fixture
-def mesh(ray_cluster: LocalCluster, namespace: str) -> Iterator[RayMesh]:
-    m = RayMesh.start(namespace=namespace, site="tokyo", config=MeshConfig.preset("local"))
+def mesh(ray_cluster: LocalCluster, namespace: str, tmp_path) -> Iterator[RayMesh]:
+    m = RayMesh.start(namespace=namespace, site="tokyo", config=MeshConfig.preset("local"),
+                      keys_dir=str(tmp_path / "keys"))
     try:
         yield m
     finally:
@@ -42,12 +44,18 @@ def _ray_alive(node_id: str) -> bool:
     return any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes())
 
 
-def test_mesh_when_started_on_every_node_then_all_up_and_agents_reniced(mesh) -> None:
+def test_mesh_when_started_on_every_node_then_all_up_over_curve_and_agents_reniced(
+        mesh, tmp_path) -> None:
     mesh.wait_all_up(30)
     status = mesh.status()
     assert len(status) == len([n for n in ray.nodes() if n["Alive"]])
     for nid, s in status.items():
         assert s["node_id"] == nid and s["state"] == "running"
+        assert s["curve"] and s["public_key"]  # every link encrypted and authenticated
+        secret = (tmp_path / "keys" / f"{nid}.key_secret")
+        assert secret.stat().st_mode & 0o777 == 0o600
+        key = re.search(r'secret-key = "([^"]+)"', secret.read_text())
+        assert key and key.group(1) not in str(s)  # never in status
         assert s["reniced"]  # root here: the agent threads run at nice 0, not Ray's 15
         assert s["dropped"]["unauthenticated"] == {}
 

@@ -4,43 +4,21 @@ the judge: which site's orders it executed, under which epoch, and when."""
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
 from actors.venue.process import VenueProcess
-from cluster.multisite import MultiSite
+from cluster.multisite import MultiSite, failover_tree, trades_by_site
 from tests.conftest import wait_until
 from tests.test_connector import rpc
 
 KEYS = {"bastion-test": "s3cret-not-for-production"}
-LABEL = re.compile(r"^e(\d+)\.site-(\w+)-deribit\.\d+$")
 
 
-def venue_trades(venue: VenueProcess) -> list[dict]:
-    """Every trade of the account, oldest first (labels e<epoch>.site-<site>-deribit.<seq>)."""
-    out: list[dict] = []
-    start = 1
-    while True:
-        got = rpc(venue, "private/get_user_trades_by_instrument",
-                  {"instrument_name": "BTC-PERPETUAL", "start_seq": start, "count": 1000,
-                   "sorting": "asc"})
-        trades = got["trades"]
-        out += trades
-        if not got.get("has_more") or not trades:
-            return out
-        start = trades[-1]["trade_seq"] + 1
-
-
-def by_site(trades: list[dict]) -> dict[str, list[tuple[int, int]]]:
-    """site -> [(timestamp_ms, epoch)] of its trades."""
-    out: dict[str, list[tuple[int, int]]] = {}
-    for t in trades:
-        m = LABEL.match(t.get("label") or "")
-        assert m, f"a trade with an unstamped or foreign label: {t}"
-        out.setdefault(m.group(2), []).append((t["timestamp"], int(m.group(1))))
-    return out
+def by_site(venue: VenueProcess) -> dict[str, list[tuple[int, int]]]:
+    """site -> [(timestamp_ms, epoch)] of its trades, from the venue's own record."""
+    return trades_by_site(lambda method, params: rpc(venue, method, params))
 
 
 @pytest.mark.slow
@@ -48,7 +26,7 @@ def test_site_when_cut_off_then_standby_takes_over_after_the_lease_with_no_overl
         tmp_path: Path) -> None:
     import ray
 
-    from supervisors import ChildSpec, Placement, SupervisorSpec, start_tree
+    from supervisors import start_tree
 
     (cid, secret), = KEYS.items()
     with VenueProcess.start("deribit", seed=11, keys=KEYS, speedup=60.0) as venue:
@@ -57,29 +35,20 @@ def test_site_when_cut_off_then_standby_takes_over_after_the_lease_with_no_overl
         try:
             for name in sites.sites:
                 with sites.use(name):
-                    start_tree(SupervisorSpec(id=f"site-{name}", children=[
-                        ChildSpec(id="deribit", cls="actors.connector:VenueConnector",
-                                  kwargs={"venue": "deribit", "ws_url": venue.ws_url,
-                                          "client_id": cid, "client_secret": secret,
-                                          "instruments": ["BTC-PERPETUAL"],
-                                          "role_gated": True},
-                                  placement=Placement(site=name)),
-                        ChildSpec(id="flow", cls="actors.order_flow:OrderFlow",
-                                  kwargs={"connector": f"site-{name}/deribit",
-                                          "interval_s": 0.05})]),
-                        namespace="bastion", store_url=f"sqlite://{tmp_path / name}")
+                    start_tree(failover_tree(name, "deribit", venue.ws_url, cid, secret),
+                               namespace="bastion", store_url=f"sqlite://{tmp_path / name}")
             sites.enable_roles({name: {"deribit": [(f"site-{name}/deribit", "bastion")]}
                                 for name in sites.sites})
 
             # The preferred site trades; the other stands by.
-            wait_until(lambda: len(by_site(venue_trades(venue)).get("tokyo", [])) >= 20, 60,
+            wait_until(lambda: len(by_site(venue).get("tokyo", [])) >= 20, 60,
                        "tokyo (preferred) trading")
-            assert "london" not in by_site(venue_trades(venue))
+            assert "london" not in by_site(venue)
 
             t_cut_ms = sites.cut_off("tokyo") * 1000  # when tokyo's own agents were cut
-            wait_until(lambda: len(by_site(venue_trades(venue)).get("london", [])) >= 20, 30,
+            wait_until(lambda: len(by_site(venue).get("london", [])) >= 20, 30,
                        "london trading after tokyo was cut off")
-            trades = by_site(venue_trades(venue))
+            trades = by_site(venue)
             tokyo, london = trades["tokyo"], trades["london"]
             last_tokyo_ms, first_london_ms = max(t for t, _ in tokyo), min(t for t, _ in london)
             rto_s = (first_london_ms - t_cut_ms) / 1000
@@ -98,9 +67,9 @@ def test_site_when_cut_off_then_standby_takes_over_after_the_lease_with_no_overl
             # Heal: exactly one active site (london); no automatic failback.
             sites.heal()
             n_london = len(london)
-            wait_until(lambda: len(by_site(venue_trades(venue))["london"]) >= n_london + 40, 30,
+            wait_until(lambda: len(by_site(venue)["london"]) >= n_london + 40, 30,
                        "london still trading after the heal")
-            after = by_site(venue_trades(venue))
+            after = by_site(venue)
             assert max(t for t, _ in after["tokyo"]) == last_tokyo_ms  # tokyo stayed quiet
             roles = {name: sites.roles(name)["resources"]["deribit"] for name in sites.sites}
             assert roles["london"]["state"] == "ACTIVE", roles

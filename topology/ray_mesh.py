@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,15 +41,23 @@ class MeshAgentActor:
     """A Ray actor hosting this node's agent. Created by :meth:`RayMesh.start`."""
 
     def __init__(self, site: str, host: str, config: Mapping[str, Any], *, port: int = 0,
-                 nice: int | None = 0, voter_only: bool = False) -> None:
+                 nice: int | None = 0, voter_only: bool = False,
+                 keys_dir: str | None = None) -> None:
         import ray
 
         self.node_id = ray.get_runtime_context().get_node_id()
         self.site = site
         self.reniced = _renice(nice)
         cfg = MeshConfig.from_mapping(dict(config))
+        curve = None
+        if keys_dir is not None:  # CURVE: this node's own key pair, made here, secret 0600
+            from topology.keys import generate_keypair, load_identity
+
+            _, secret = generate_keypair(keys_dir, self.node_id, overwrite=True)
+            curve = load_identity(secret)
         self.agent = MeshAgent(self.node_id, site, f"tcp://{host}:{port or '*'}", {}, cfg,
-                               voter_only=voter_only)
+                               voter_only=voter_only, curve=curve)
+        self.public_key = curve.public.decode() if curve is not None else None
         self.delivery: Counter[str] = Counter()
         self._subscribers: list[tuple[str, str, str]] = []
         self.roles: Any = None
@@ -59,19 +67,21 @@ class MeshAgentActor:
         self.agent.start()
 
     # -- peers and faults ------------------------------------------------------------------
-    def endpoint(self) -> tuple[str, str, str]:
-        """``(node_id, site, endpoint)``."""
-        return self.node_id, self.site, str(self.agent.endpoint)
+    def endpoint(self) -> tuple[str, str, str, str | None]:
+        """``(node_id, site, endpoint, CURVE public key or None)``."""
+        return self.node_id, self.site, str(self.agent.endpoint), self.public_key
 
-    def set_peers(self, peers: Mapping[str, tuple[str, str]]) -> list[str]:
-        """Make the peers exactly these ``{node_id: (endpoint, site)}`` (self ignored); returns
-        the node ids added."""
+    def set_peers(self, peers: Mapping[str, Sequence[str | None]]) -> list[str]:
+        """Make the peers exactly these ``{node_id: (endpoint, site[, public key])}`` (self
+        ignored); returns the node ids added."""
         current = self.agent.peers()
         added = []
-        for nid, (endpoint, site) in peers.items():
+        for nid, (endpoint, site, *key) in peers.items():
             if nid == self.node_id or nid in current:
                 continue
-            self.agent.add_peer(nid, Peer(endpoint, site))
+            public = key[0] if key and key[0] else None
+            self.agent.add_peer(nid, Peer(str(endpoint), str(site),
+                                          public.encode() if public else None))
             added.append(nid)
         for nid in set(current) - set(peers):
             self.agent.remove_peer(nid)
@@ -205,13 +215,15 @@ class RayMesh:
     @classmethod
     def start(cls, *, namespace: str, site: str | Mapping[str, str], config: MeshConfig,
               host: str | None = None, nodes: Iterable[str] | None = None,
-              external_peers: Mapping[str, tuple[str, str]] | None = None,
-              nice: int | None = 0) -> RayMesh:
+              external_peers: Mapping[str, Sequence[str | None]] | None = None,
+              nice: int | None = 0, keys_dir: str | None = None) -> RayMesh:
         """An agent on every alive node (or on ``nodes``), named ``mesh/<node id>`` in
         ``namespace`` (detached), all peered with each other and with ``external_peers``
-        (agents elsewhere, e.g. another site's or a witness: ``{node_id: (endpoint, site)}``).
-        ``site``: one site for all, or ``{node_id: site}``. ``host``: the address agents bind
-        (default each node's Ray address)."""
+        (agents elsewhere, e.g. another site's or a witness: ``{node_id: (endpoint, site[,
+        public key])}``). ``site``: one site for all, or ``{node_id: site}``. ``host``: the
+        address agents bind (default each node's Ray address). ``keys_dir``: CURVE on — each
+        agent makes its own key pair there (a directory on its node; the secret never leaves
+        it) and peers learn the public keys with the endpoints."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -229,7 +241,7 @@ class RayMesh:
                 max_restarts=0, max_concurrency=8,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(nid, soft=False),
             ).remote(node_site, host or alive[nid]["NodeManagerAddress"],
-                     config.model_dump(), nice=nice)
+                     config.model_dump(), nice=nice, keys_dir=keys_dir)
         mesh = cls(namespace, handles)
         mesh.connect(external_peers or {})
         return mesh
@@ -247,15 +259,15 @@ class RayMesh:
                         entry["name"], namespace=namespace)
         return cls(namespace, handles)
 
-    def endpoints(self) -> dict[str, tuple[str, str]]:
-        """``{node_id: (endpoint, site)}`` of every agent."""
+    def endpoints(self) -> dict[str, tuple[str, str, str | None]]:
+        """``{node_id: (endpoint, site, public key or None)}`` of every agent."""
         import ray
 
         got = ray.get([h.endpoint.remote() for h in self.handles.values()],
                       timeout=CALL_TIMEOUT_S * 3)
-        return {nid: (endpoint, site) for nid, site, endpoint in got}
+        return {nid: (endpoint, site, key) for nid, site, endpoint, key in got}
 
-    def connect(self, external_peers: Mapping[str, tuple[str, str]]) -> None:
+    def connect(self, external_peers: Mapping[str, Sequence[str | None]]) -> None:
         """Peer every agent with every other one and with ``external_peers``."""
         import ray
 
