@@ -26,6 +26,9 @@ DEFAULT_NODES = "head:tokyo,tokyo-1:tokyo,tokyo-2:tokyo,london-1:london"
 STATE_DIR_ENV = "BASTION_CLUSTER_DIR"
 
 
+#: ``bastion bench`` names (bench/run.py's registry, which needs a source checkout)
+BENCHMARKS = ("journal", "restart", "node", "risk", "marketdata", "mesh", "failover", "all")
+
 def state_dir() -> Path:
     return Path(os.environ.get(STATE_DIR_ENV, Path.cwd() / ".bastion" / "cluster"))
 
@@ -275,8 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("rest", nargs=argparse.REMAINDER)
     serve.set_defaults(func=lambda a: _venue_main(["serve", *a.rest]))
     bench = sub.add_parser("bench", help="run a benchmark")
-    bench.add_argument("name", choices=("journal", "restart", "node", "risk", "marketdata",
-                                        "all"))
+    bench.add_argument("name", choices=BENCHMARKS)
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("--json", action="store_true",
                        help="print one JSON object of the figures as the last line")
