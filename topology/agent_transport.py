@@ -247,7 +247,9 @@ class Transport:
         d.setsockopt(zmq.SNDHWM, self.options.send_hwm)
         d.setsockopt(zmq.CONNECT_TIMEOUT, _ms(self.options.connect_timeout_s))
         d.setsockopt(zmq.HANDSHAKE_IVL, _ms(self.options.handshake_timeout_s))
-        d.setsockopt(zmq.ROUTING_ID, self._sender)
+        # No ZMQ_ROUTING_ID: the peer's ROUTER gives each connection its own. A fixed one made
+        # a link re-dialled while the peer still held our old, half-open connection (after a
+        # partition) unheard for good: libzmq ignores a duplicate id without ROUTER_HANDOVER.
         if self.curve is not None:
             if server_key is None:
                 d.close(linger=0)
