@@ -660,6 +660,7 @@ class VenueConnector(EventSourced):
             batch = self._marks_batch()
             for name in self.subscribers:
                 self._settle_fills(ray, name)
+                self._settle_marks(ray, name)
                 try:
                     handle = self._handles.get(name)
                     if handle is None:  # resolved once, again only after a failure
@@ -695,6 +696,19 @@ class VenueConnector(EventSourced):
         return {"venue": self.venue, "instrument": np.array(names), "bid": bid, "ask": ask,
                 "mark_price": (bid + ask) / 2, "index_price": (bid + ask) / 2,
                 "ts": time.time()}
+
+    def _settle_marks(self, ray: Any, name: str) -> None:
+        """A marks call that failed means the subscriber died: its handle is stale (a restarted
+        subscriber is a new actor under the same name), so resolve it again."""
+        prev = self._in_flight.get(name)
+        if prev is None or not ray.wait([prev], timeout=0)[0]:
+            return
+        del self._in_flight[name]
+        try:
+            ray.get(prev, timeout=0)
+        except Exception:  # noqa: BLE001 - died: look the name up again next time
+            self._handles.pop(name, None)
+            self.counters["marks_subscriber_lost"] += 1
 
     def _settle_fills(self, ray: Any, name: str) -> None:
         """Confirm a subscriber's fills call, or queue its fills again if it failed."""

@@ -260,3 +260,30 @@ def test_risk_book_when_sigkilled_while_fills_flow_then_catches_up_from_redelive
     wait_until(lambda: book_size() == 300.0, 30, "risk book caught up to 30 fills")
     assert venue_position(venue) == 300.0
     assert tree.child("root/deribit").pid == conn_pid  # no connector restart was needed
+
+
+def test_connector_when_marks_subscriber_restarts_then_marks_reach_the_new_one_without_fills(
+        venue, namespace, store_url, trees) -> None:
+    """A subscriber SIGKILLed and restarted under its name is a new actor: the connector drops
+    the stale handle when its marks call fails and finds the new one (no fill needed)."""
+    (cid, secret), = KEYS.items()
+    spec = SupervisorSpec(id="root", children=[
+        ChildSpec(id="rec", cls="actors.recorder:MarkRecorder", backoff=Backoff(initial_s=0.0)),
+        ChildSpec(id="deribit", cls="actors.connector:VenueConnector",
+                  kwargs={"venue": "deribit", "ws_url": venue.ws_url, "client_id": cid,
+                          "client_secret": secret, "instruments": [INSTRUMENT],
+                          "subscribers": ["root/rec"], "publish_interval_s": 0.02})])
+    tree = start_tree(spec, namespace=namespace, store_url=store_url)
+    trees.append(tree)
+    wait_until(lambda: running(tree), 60, "connector RUNNING")
+    wait_until(lambda: ray.get(tree.actor("root/rec").stats.remote(), timeout=10)["batches"]
+               > 0, 30, "marks before the kill")
+    old_pid = tree.child("root/rec").pid
+    os.kill(old_pid, signal.SIGKILL)
+    wait_until(lambda: (c := tree.child("root/rec")).status == "running" and c.pid != old_pid,
+               30, "recorder restarted")
+    wait_until(lambda: ray.get(tree.actor("root/rec").stats.remote(), timeout=10)["batches"]
+               > 3, 30, "marks reach the restarted recorder")
+    status = ray.get(tree.actor("root/deribit").status.remote(), timeout=10)
+    assert status["counters"].get("marks_subscriber_lost", 0) >= 1
+    assert status["fills"] == 0  # no fill was needed to find it again
