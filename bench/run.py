@@ -1,6 +1,7 @@
 """Run the benchmarks and (with ``--write``) rewrite the table in docs/PERFORMANCE.md.
 
     python -m bench.run [--quick] [--only journal,restart,node] [--write docs/PERFORMANCE.md]
+                        [--soak-s S]   # the mesh benchmark's soak (or $BASTION_BENCH_SOAK_S)
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from typing import Any
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-NAMES = ("journal", "restart", "node", "risk", "marketdata", "failover")
+NAMES = ("journal", "restart", "node", "risk", "marketdata", "mesh", "failover")
 
 
-def run_named(name: str, quick: bool = False) -> dict[str, Any]:
+def run_named(name: str, quick: bool = False, soak_s: float | None = None) -> dict[str, Any]:
+    """One benchmark's figures. ``soak_s``: the mesh benchmark's soak length (default: its
+    own, or ``$BASTION_BENCH_SOAK_S``)."""
     if name == "all":
         out: dict[str, Any] = {}
         for each in NAMES:
-            out.update({f"{each}.{k}": v for k, v in run_named(each, quick).items()})
+            out.update({f"{each}.{k}": v for k, v in run_named(each, quick, soak_s).items()})
         return out
     if name == "journal":
         from bench import bench_journal
@@ -37,6 +40,10 @@ def run_named(name: str, quick: bool = False) -> dict[str, Any]:
         from bench import bench_marketdata
 
         return bench_marketdata.run(quick=quick)
+    if name == "mesh":
+        from bench import bench_mesh
+
+        return bench_mesh.run(quick=quick, soak_s=soak_s)
     if name == "failover":
         from bench import bench_failover
 
@@ -82,6 +89,22 @@ NOTES = """How to read these:
   Deribit JSON-RPC `book.*.raw` channels, one JSON parse per update (the venue replays a
   synthetic feed 60000x as fast as it can). Drops are reported: the venue's frames dropped for a
   slow client, duplicates, change-id gaps.
+- `mesh`: the ZeroMQ heartbeat mesh (issue 4). Detection = signal -> the moment the LAST
+  other agent declared the node `down` (that agent's own event time), for SIGKILL (crash) and
+  SIGSTOP (hang) of one agent process among 5 (CURVE on), per heartbeat interval (`hbNNms_*`:
+  the `local` preset with every timing field scaled alike, so detection is a fixed ~8-9
+  intervals, `*_p99_beats`); with at most 20 samples p99 is the maximum. `ray_default_*` /
+  `ray_tuned_*`: Ray's own detection (`ray.nodes()` shows the node dead) when the same signal
+  hits a real raylet's whole process group, with a mesh agent on every Ray node timed in the
+  same samples (`*_mesh_*`); `ratio_*` = Ray's p50 / the mesh's p99 there (the goals),
+  `ratio_*_p50` median to median; few Ray samples, since default Ray takes ~13 s and ~63 s
+  each. `soak_*`: 5 agents at 50 ms while `soak_burners` CPU burners run at normal priority;
+  every `suspect` or `down` is false (`soak_burner_cpu_s_per_s` shows how much CPU the burners
+  actually got). `cpuN_*`: CPU seconds per second of N agent processes at 50 ms (psutil over
+  `cpu_window_s`); `frames_sent_per_s` against `frames_offered_per_s` and `alive_fraction` say
+  whether the machine carried the mesh, `offered_at_measured_cost_*` what the offered traffic
+  would need at the measured cost per frame. `<section>_load1_*` is the machine's load during
+  each section: other work shares these 2 cores, so read the figures beside it.
 - `failover`: two sites as two Ray clusters (one mesh over CURVE, a witness, one venue), a
   client order flow into each site's role-gated connector; each sample cuts the active site off
   at the mesh's socket level. RTO = cut -> the promoted site's first trade at the venue;
@@ -146,15 +169,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--only", default=",".join(NAMES))
     parser.add_argument("--write", default=None, help="rewrite this markdown file")
+    parser.add_argument("--soak-s", type=float, default=None,
+                        help="the mesh benchmark's soak length (default 600 s, 30 s with "
+                             "--quick; or $BASTION_BENCH_SOAK_S)")
     args = parser.parse_args(argv)
     results = {}
     for name in args.only.split(","):
         print(f"== {name}", flush=True)
-        results[name] = run_named(name, quick=args.quick)
+        results[name] = run_named(name, quick=args.quick, soak_s=args.soak_s)
         print(json.dumps(results[name]), flush=True)
     if args.write:
         command = "python -m bench.run" + (" --quick" if args.quick else "") + (
-            f" --only {args.only}" if args.only != ",".join(NAMES) else "")
+            f" --only {args.only}" if args.only != ",".join(NAMES) else "") + (
+            f" --soak-s {args.soak_s:g}" if args.soak_s is not None else "")
         if command == "python -m bench.run":
             command = "make bench"
         target = Path(args.write)
