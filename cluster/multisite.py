@@ -120,6 +120,11 @@ class MultiSite:
         self.witness = witness
         self.work_dir = work_dir
         self._current: str | None = None
+        self._voters: list[str] = []
+        self._lease_fields: dict[str, Any] = {}
+        self._resources: list[str] = []
+        self._preferred: dict[str, str] = {}
+        self._restore: str | None = None  # the driver's own Ray cluster, re-joined at shutdown
 
     # -- start ---------------------------------------------------------------------------
     @classmethod
@@ -133,8 +138,12 @@ class MultiSite:
 
         lease_cfg = LeaseConfig.preset("local", **dict(lease or {}))
         lease_fields = lease_cfg.model_dump()
+        import ray
+
         work_dir.mkdir(parents=True, exist_ok=True)
         out = cls({}, None, work_dir)
+        if ray.is_initialized():
+            out._restore = ray.get_runtime_context().gcs_address
         try:
             if witness:
                 out.witness = WitnessProcess.start(work_dir / "witness", mesh_preset,
@@ -279,6 +288,9 @@ class MultiSite:
             site.cluster.shutdown()
         if self.witness is not None:
             self.witness.stop()
+        if self._restore is not None:  # hand the driver back its own cluster
+            ray.init(address=self._restore, logging_level="ERROR", log_to_driver=False)
+            self._restore = None
 
 
 def trades_by_site(rpc: Any, instrument: str = "BTC-PERPETUAL") -> dict[str, list[tuple[int, int]]]:

@@ -526,8 +526,12 @@ def test_curve_when_unknown_key_or_plaintext_client_then_counted_and_nothing_del
 
     def counted() -> dict[str, Any]:
         d = target.status()["dropped"]
-        assert d["unauthenticated"].get("handshake_failed_auth", 0) >= 1 and \
-            d["unauthenticated"].get("handshake_failed_protocol", 0) >= 1 and \
+        refused = d["unauthenticated"]
+        # libzmq reports a plaintext client as PROTOCOL, or NO_DETAIL when the connection
+        # drops mid-greeting: both are a refused handshake, and nothing was delivered
+        assert refused.get("handshake_failed_auth", 0) >= 1 and \
+            refused.get("handshake_failed_protocol", 0) + \
+            refused.get("handshake_failed_no_detail", 0) >= 1 and \
             d["rejected"].get("spoofed_sender") == 1, d
         return d
     wait_until(counted, 10.0, "the unknown key, the plaintext client and the spoof counted")
