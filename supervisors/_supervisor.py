@@ -295,12 +295,14 @@ class SupervisorActor:
                 continue
             child.incarnation = record["incarnation"]
             child.restarts = record["restarts"]
-            child.status = record["status"]
+            # Not "running" until seen alive: until then it reads as restarting (no pid).
+            status = record["status"]
+            child.status = "restarting" if status in ("running", "restarting") else status
             child.last_failure = record.get("last_failure")
         missing = []
         for cid in self._order:
             child = self._children[cid]
-            if child.status not in ("running", "restarting"):
+            if child.status != "restarting":
                 continue
             handle = _ray.get_named(child.path, self.namespace)
             info = None

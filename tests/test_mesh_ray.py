@@ -104,7 +104,9 @@ def test_node_when_hung_or_crashed_then_mesh_declares_it_down_and_children_migra
                                 90, "Ray to notice")
         timing = (f"mesh down after {detected_s:.2f} s, migrated after {migrated_s:.2f} s, "
                   f"Ray noticed after {ray_dead_s:.2f} s ({down['reason']})")
-        assert detected_s < 2.0, timing
+        # Generous: ~0.4 s unloaded, measured in bench/bench_mesh.py; Ray's default needs ~13 s
+        # for a crash and ~63 s for a hang. CI's 2 shared cores have taken 2.15 s.
+        assert detected_s < 6.0, timing
         if fault == "hang":  # Ray needs ~2.8 s for a hang with tuned health checks
             assert ray_alive_at_detection and detected_s < ray_dead_s, timing
             assert migrated_s < ray_dead_s, timing
