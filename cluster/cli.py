@@ -9,6 +9,7 @@
     bastion bench {journal,restart,node,all} [--quick] [--json]
     bastion keys generate --dir DIR --name NAME [--name ...] [--force]
     bastion keys list --dir DIR        # public keys only
+    bastion check HISTORY.jsonl [--json]   # invariants of a run: exit 1 on a violation
 """
 
 from __future__ import annotations
@@ -245,6 +246,23 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Judge a run history (``cluster.checker``): 0 all pass, 1 a violation, 2 unreadable."""
+    from .checker import check, render_verdict
+    from .history import load_history
+
+    try:
+        verdict = check(load_history(args.history))
+    except OSError as exc:
+        print(f"bastion: check: cannot read {args.history}: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(verdict.to_dict(), default=str))
+    else:
+        render_verdict(verdict)
+    return 0 if verdict.passed else 1
+
+
 def _venue_main(argv: list[str]) -> int:
     from actors.venue.process import main as venue_main
 
@@ -293,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     listing = keys_sub.add_parser("list", help="print NAME PUBLIC_KEY for each NAME.key")
     listing.add_argument("--dir", required=True)
     keys.set_defaults(func=cmd_keys)
+    chk = sub.add_parser("check", help="check a run history's invariants (exit 1 on a "
+                                       "violation, 2 when unreadable)")
+    chk.add_argument("history", help="the run's history file (JSONL)")
+    chk.add_argument("--json", action="store_true", help="print one JSON object")
+    chk.set_defaults(func=cmd_check)
     return parser
 
 

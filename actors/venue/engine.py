@@ -30,8 +30,9 @@ from __future__ import annotations
 import math
 import random
 import re
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field, replace
+from itertools import islice
 
 from actors.venue.book import InstrumentBook as _Book
 from actors.venue.book import OrderRec, Plan, PositionRec, fee
@@ -43,6 +44,7 @@ from actors.venue.market_data import TickBatch
 from actors.venue.publisher import BookPublisher
 from actors.venue.records import (
     Order,
+    OrderLogEntry,
     OrderResult,
     OrderState,
     Position,
@@ -90,6 +92,8 @@ class VenueConfig:
 
 #: A label stamped with a fencing epoch (see ``VenueEngine._fence``).
 EPOCH_LABEL = re.compile(r"^e(\d{1,18})\.")
+#: Order-log entries kept per account (oldest dropped first; ``seq`` keeps counting).
+ORDER_LOG_MAX = 1_000_000
 
 
 @dataclass
@@ -107,10 +111,16 @@ class VenueStats:
     fenced_orders: int = 0  # refused: stamped with an epoch older than one already seen
 
 
+def _finite(x: object) -> float | None:
+    ok = isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+    return float(x) if ok else None  # type: ignore[arg-type]
+
+
 class VenueEngine:
     """A Deribit-like venue for any number of accounts over the configured instruments."""
 
-    def __init__(self, config: VenueConfig, clock: Clock, faults: Faults | None = None) -> None:
+    def __init__(self, config: VenueConfig, clock: Clock, faults: Faults | None = None, *,
+                 order_log_max: int = ORDER_LOG_MAX) -> None:
         self._config = config
         self._clock = clock
         self._instruments = {i.instrument_name: i for i in config.instruments}
@@ -131,6 +141,9 @@ class VenueEngine:
         self._faults = Faults()
         self._spike_left = 0
         self._fence_epochs: dict[str, int] = {}
+        self._order_log: dict[str, deque[OrderLogEntry]] = {}
+        self._order_log_seq: dict[str, int] = {}
+        self._order_log_max = order_log_max
         self.stats = VenueStats()
         if faults is not None:
             self.set_faults(faults)
@@ -246,7 +259,52 @@ class VenueEngine:
               ) -> OrderResult | Rejection:
         """Place an order. Checks run in this order: outage, account, label (a known label
         returns the original order), reject storm, static input checks, reduce-only,
-        post-only, self-trade; only then is an order created."""
+        post-only, self-trade; only then is an order created. Every request, whatever its
+        outcome, goes into the account's order log (``order_log``)."""
+        out = self._place(account, direction, instrument_name, amount, type=type, price=price,
+                          label=label, time_in_force=time_in_force, post_only=post_only,
+                          reject_post_only=reject_post_only, reduce_only=reduce_only,
+                          trigger_price=trigger_price, trigger=trigger)
+        if isinstance(account, str) and account:
+            self._log_order(account, direction, instrument_name, amount, price, type, label, out)
+        return out
+
+    def _log_order(self, account: str, direction: str, instrument_name: str, amount: object,
+                   price: object, order_type: str, label: object,
+                   out: OrderResult | Rejection) -> None:
+        seq = self._order_log_seq.get(account, 0) + 1
+        self._order_log_seq[account] = seq
+        log = self._order_log.get(account)
+        if log is None:
+            log = self._order_log[account] = deque(maxlen=self._order_log_max)
+        if isinstance(out, Rejection):
+            outcome, reason, order_id = "rejected", out.reason, None
+        else:
+            outcome = "duplicate" if out.duplicate else "created"
+            reason, order_id = None, out.order.order_id
+        log.append(OrderLogEntry(
+            seq, self._clock.now_s(), account, label if isinstance(label, str) else "",
+            str(direction), str(instrument_name), _finite(amount), _finite(price),
+            str(order_type), outcome, reason, order_id))  # type: ignore[arg-type]
+
+    def order_log(self, account: str, after_seq: int = 0, count: int = 1000
+                  ) -> tuple[list[OrderLogEntry], int]:
+        """Up to ``count`` of the account's order-log entries with ``seq > after_seq``,
+        oldest first, and the last seq logged. Entries older than the newest
+        ``order_log_max`` are gone: the first one returned then has a larger seq."""
+        log = self._order_log.get(account)
+        last = self._order_log_seq.get(account, 0)
+        if log is None or count < 1:
+            return [], last
+        first = last - len(log) + 1
+        start = max(0, after_seq - first + 1)
+        return list(islice(log, start, start + count)), last
+
+    def _place(self, account: str, direction: str, instrument_name: str, amount: float, *,
+               type: str, price: float | None, label: str,  # noqa: A002
+               time_in_force: str, post_only: bool, reject_post_only: bool,
+               reduce_only: bool, trigger_price: float | None, trigger: str | None
+               ) -> OrderResult | Rejection:
         if (gate := self._gate()) is not None:
             return gate
         if not isinstance(account, str) or not account:

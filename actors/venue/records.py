@@ -214,3 +214,32 @@ class OrderResult:
     def to_deribit(self) -> dict[str, object]:
         return {"order": self.order.to_deribit(),
                 "trades": [t.to_deribit() for t in self.trades]}
+
+
+OrderOutcome = Literal["created", "duplicate", "rejected"]
+
+
+@dataclass(frozen=True, slots=True)
+class OrderLogEntry:
+    """One buy/sell request the venue received and what became of it: ``created`` (a new
+    order), ``duplicate`` (a resend of a known label: the original order answered) or
+    ``rejected`` (``reason`` says why; e.g. ``fenced_epoch``). ``seq`` counts per account."""
+
+    seq: int
+    ts_s: float
+    account: str
+    label: str
+    direction: str
+    instrument_name: str
+    amount: float | None
+    price: float | None
+    order_type: str
+    outcome: OrderOutcome
+    reason: str | None = None
+    order_id: str | None = None
+
+    def to_deribit(self) -> dict[str, object]:
+        return {"seq": self.seq, "timestamp": to_ms(self.ts_s), "label": self.label,
+                "direction": self.direction, "instrument_name": self.instrument_name,
+                "amount": self.amount, "price": self.price, "type": self.order_type,
+                "outcome": self.outcome, "reason": self.reason, "order_id": self.order_id}

@@ -11,8 +11,10 @@ Endpoints: WebSocket ``/ws/api/v2``; HTTP ``GET /api/v2/{public|private}/<method
 in ``api.VenueApi``; this module adds the session methods -- ``public/auth``, ``public/test``,
 ``public/get_time``, ``public/set_heartbeat``/``disable_heartbeat``, ``(public|private)/
 subscribe``/``unsubscribe``/``unsubscribe_all``, ``private/(enable|disable|get)_cancel_on_
-disconnect``, ``private/logout`` -- and two simulator methods: ``private/simulator/set_faults``
-(any ``Faults`` field, ``latency_s``, ``reset``) and ``public/simulator/status`` (counters).
+disconnect``, ``private/logout`` -- and three simulator methods: ``private/simulator/set_faults``
+(any ``Faults`` field, ``latency_s``, ``reset``), ``public/simulator/status`` (counters) and
+``private/simulator/order_log`` (``after_seq``, ``count``: every buy/sell request the caller's
+account sent, with its outcome; ``cluster.checker`` reads it).
 
 Behaviour, as Deribit:
 
@@ -405,6 +407,9 @@ class VenueServer:
             ("private/logout", (), True, True, self._logout),
             ("private/simulator/set_faults", _faults_params(), True, False, self._set_faults),
             ("public/simulator/status", (), False, False, lambda c, p: self.status()),
+            ("private/simulator/order_log", (Param("after_seq", "int", False, 0),
+                                             Param("count", "int", False, 1000)),
+             True, False, self._order_log),
         ]
         for name, specs, private, ws_only, handler in table:
             self._session_methods[name] = (specs, private, ws_only, handler)
@@ -511,6 +516,17 @@ class VenueServer:
         log.warning("venue %s: faults now %s, latency_s=%s", self.config.name, faults,
                     self.latency_s)
         return {"faults": dataclasses.asdict(self.engine.faults), "latency_s": self.latency_s}
+
+    def _order_log(self, call: Call, p: dict[str, object]) -> object:
+        """The caller's order log (``VenueEngine.order_log``), for the invariant checker."""
+        after, count = p["after_seq"], p["count"]
+        if not isinstance(after, int) or after < 0:
+            return invalid_params("after_seq_invalid", "after_seq")
+        if not isinstance(count, int) or not 1 <= count <= 10_000:
+            return invalid_params("count_invalid", "count")
+        entries, last = self.engine.order_log(self._account_of(call), after, count)
+        return {"entries": [e.to_deribit() for e in entries], "last_seq": last,
+                "has_more": bool(entries) and entries[-1].seq < last}
 
     def status(self) -> dict[str, object]:
         """Counters for tests and chaos tools."""
