@@ -43,6 +43,7 @@ from actors.connector_core import (
     reconnect_delay_s,
     validate_order,
 )
+from actors.connector_deadman import DeadmanArmer, DeadmanConfigError, DeadmanPolicy
 from actors.connector_role import RoleGate
 from supervisors import EventSourced, current_context
 
@@ -135,7 +136,9 @@ class OptionSelector:
 class VenueConnector(EventSourced):
     """A venue connector. Constructor arguments come from the child spec's kwargs.
     ``options``: an :class:`OptionSelector` as a dict; the options it picks are resolved on
-    every connect and added to ``instruments``."""
+    every connect and added to ``instruments``. ``deadman_s`` (ungated only): keep the venue's
+    dead-man's switch on this connector's orders armed with that countdown while RUNNING; a
+    role-gated connector arms it from its lease (``actors.connector_deadman``)."""
 
     snapshot_every = 500
 
@@ -143,7 +146,8 @@ class VenueConnector(EventSourced):
                  instruments: list[str], subscribers: list[str] | None = None,
                  publish_interval_s: float = 0.05, heartbeat_s: float = 10.0,
                  reconnect_max_s: float = 5.0, l1_url: str | None = None,
-                 options: Mapping[str, Any] | None = None, role_gated: bool = False) -> None:
+                 options: Mapping[str, Any] | None = None, role_gated: bool = False,
+                 deadman_s: float | None = None) -> None:
         if not instruments:
             raise ValueError("instruments must not be empty")
         self.option_selector = None if options is None else OptionSelector.from_config(options)
@@ -181,6 +185,12 @@ class VenueConnector(EventSourced):
         self._l1: Any = None  # actors.connector_l1.L1Client when l1_url is set
         # multi-site: orders only while this site holds the venue's lease (connector_role)
         self.role = RoleGate(role_gated, venue)
+        # the venue cancels this connector's orders unless re-armed in time (connector_deadman)
+        if role_gated and deadman_s is not None:
+            raise DeadmanConfigError("deadman_s", deadman_s, "a role-gated connector arms the "
+                                     "switch from its lease; leave deadman_s unset")
+        self.deadman = DeadmanArmer(self._call, self.counters, venue,
+                                    DeadmanPolicy(periodic_s=deadman_s))
 
     # ---------------------------------------------------------------- EventSourced
     def apply(self, event: dict[str, Any]) -> None:
@@ -283,6 +293,7 @@ class VenueConnector(EventSourced):
         return {"venue": self.venue, "state": self.machine.state,
                 "market_data": "l1" if self.l1_url else "book",
                 "role": self.role.status(time.monotonic()),
+                "deadman": self.deadman.status(),
                 "positions": self.positions(), "fills": len(self.ledger.fills),
                 "open_orders": len(self.ledger.unresolved()),
                 "journal_seq": self.journal_seq, "epoch": self.journal_epoch,
@@ -302,7 +313,10 @@ class VenueConnector(EventSourced):
         if action == "activate":
             loop.create_task(self._activate(self.role.epoch))
         elif action == "deactivate":
-            loop.create_task(self._cancel_own_open("site deactivated"))
+            loop.create_task(self._deactivate(self._deadman_prefix()))
+        elif self.role.state == "ACTIVE" and event.get("kind") == "renew":
+            loop.create_task(self.deadman.arm_for_lease(self._deadman_prefix(),
+                                                        self.role.deadline_s))
         return self.role.status(time.monotonic())
 
     async def _activate(self, epoch: int) -> None:
@@ -316,6 +330,18 @@ class VenueConnector(EventSourced):
             return
         if self.role.epoch == epoch and self.role.reconciled(time.monotonic()):
             self.counters["activations"] += 1
+            await self.deadman.arm_for_lease(self._deadman_prefix(), self.role.deadline_s)
+
+    def _deadman_prefix(self) -> str:
+        """The labels of this connector's orders of the current epoch (``e<E>.<id>.``)."""
+        return self.role.label(f"{self.connector_id}.")
+
+    async def _deactivate(self, prefix: str) -> None:
+        """Cancel what rests, then disarm the venue's switch if nothing of ours is left."""
+        await self._cancel_own_open("site deactivated")
+        if not any(o.state == "open" and o.label.startswith(prefix)
+                   for o in self.ledger.orders.values()):
+            await self.deadman.disarm(prefix)
 
     async def _cancel_own_open(self, why: str) -> None:
         for order in list(self.ledger.orders.values()):
@@ -380,6 +406,10 @@ class VenueConnector(EventSourced):
         self._tasks.append(asyncio.get_running_loop().create_task(self._publisher()))
         if self.role.enabled:
             self._tasks.append(asyncio.get_running_loop().create_task(self._role_watch()))
+        if self.deadman.policy.periodic_s is not None:
+            self._tasks.append(asyncio.get_running_loop().create_task(self.deadman.run_periodic(
+                self._deadman_prefix(), lambda: self.machine.state == "RUNNING",
+                lambda: self.machine.state == "STOPPED")))
         if self.l1_url:
             from actors.connector_l1 import L1Client
 

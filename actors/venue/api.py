@@ -10,6 +10,10 @@ Beyond Deribit's documented parameters, what clients such as ccxt need:
 * ``private/get_account_summaries`` (ccxt's ``fetchBalance`` without a code);
 * ``private/get_positions`` without ``currency`` lists every currency.
 
+Beyond Deribit: a dead-man's switch as BitMEX/OKX/Binance have one,
+``private/cancel_all_after`` (``timeout`` ms, ``label_prefix``) and
+``private/get_cancel_all_after`` (see ``deadman``; the server fires it from its own loop).
+
 Balances are a simulator model: each account starts with ``initial_balances``; the balance of a
 currency moves with realized P&L of positions settled in it, fees charged in it and spot
 transfers; equity adds floating P&L; initial/maintenance margin are ``initial_margin_rate`` /
@@ -26,6 +30,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from actors.venue.clock import Clock, WallClock
+from actors.venue.deadman import PARAMS as DEADMAN_PARAMS
+from actors.venue.deadman import DeadmanSwitches
 from actors.venue.engine import VenueEngine
 from actors.venue.instruments import Instrument
 from actors.venue.jsonrpc import Param, RpcError, check_params, invalid_params
@@ -134,8 +141,9 @@ class VenueApi:
 
     def __init__(self, engine: VenueEngine, instruments: Sequence[Instrument],
                  initial_balances: Mapping[str, float], *, initial_margin_rate: float = 0.02,
-                 maintenance_margin_rate: float = 0.01) -> None:
+                 maintenance_margin_rate: float = 0.01, clock: Clock | None = None) -> None:
         self.engine = engine
+        self.deadman = DeadmanSwitches(engine, clock or WallClock())
         self.instruments = {i.instrument_name: i for i in instruments}
         self.events = EventTracker(engine)
         self._balances = dict(initial_balances)
@@ -175,6 +183,10 @@ class VenueApi:
         self._add("private/cancel_all", True, (), self._cancel_all)
         self._add("private/cancel_all_by_instrument", True, (inst,), self._cancel_all)
         self._add("private/cancel_all_by_currency", True, (cur, KIND), self._cancel_all)
+        self._add("private/cancel_all_after", True, DEADMAN_PARAMS,
+                  lambda a, p: self.deadman.arm(str(a), p))
+        self._add("private/get_cancel_all_after", True, (),
+                  lambda a, p: self.deadman.armed(str(a)))
         self._add("private/cancel_by_label", True, (_text("label", True), opt_cur),
                   lambda a, p: self.engine.cancel_by_label(a, p["label"]))  # type: ignore[arg-type]
         self._add("private/get_open_orders_by_currency", True, (cur, KIND, _text("type")),

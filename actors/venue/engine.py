@@ -566,8 +566,11 @@ class VenueEngine:
         return self._snap(rec)
 
     def cancel_all(self, account: str, *, instrument_name: str | None = None,
-                   currency: str | None = None, kind: str | None = None) -> int | Rejection:
-        """``private/cancel_all[_by_instrument|_by_currency]``: how many orders were cancelled."""
+                   currency: str | None = None, kind: str | None = None,
+                   label_prefix: str = "", reason: str = "user_request") -> int | Rejection:
+        """``private/cancel_all[_by_instrument|_by_currency]``: how many orders were cancelled
+        (only those whose label starts with ``label_prefix``; the dead-man's switch, see
+        ``deadman``, cancels with ``reason="deadman"``)."""
         if (gate := self._gate()) is not None:
             return gate
         if instrument_name is not None and instrument_name not in self._instruments:
@@ -576,7 +579,9 @@ class VenueEngine:
         touched: dict[str, None] = {}
         cancelled = 0
         for rec in self._open_orders(account, instrument_name, currency, kind):
-            self._cancel_rec(rec, "user_request")
+            if not rec.label.startswith(label_prefix):
+                continue
+            self._cancel_rec(rec, reason)
             touched[rec.instrument_name] = None
             cancelled += 1
         for name in touched:

@@ -30,6 +30,9 @@ Behaviour, as Deribit:
 * cancel on disconnect: when a connection with it enabled drops (not after ``logout``), the
   orders created over that connection are cancelled (``cod_cancels_account_orders=True``:
   every open order of the account); ``scope=account`` turns it on for new connections;
+* dead-man's switch (``private/cancel_all_after``, see ``deadman``): fired from the
+  market-data loop, so within ``md_interval_s`` of its trigger time even on a silent but open
+  connection;
 * outage (``Faults.outage``): venue methods answer 13028; session and simulator methods work.
 
 ``latency_s`` delays the handling of every request (WebSocket frames stay in order);
@@ -202,7 +205,8 @@ class VenueServer:
         now = self.clock.now_s()
         instruments = default_instruments(now, with_options=config.with_options)
         self.engine = VenueEngine(VenueConfig(instruments, seed=config.seed), self.clock)
-        self.api = VenueApi(self.engine, instruments, dict(config.initial_balances))
+        self.api = VenueApi(self.engine, instruments, dict(config.initial_balances),
+                            clock=self.clock)
         self.auth = Authenticator(AuthConfig(config.keys, config.token_ttl_s,
                                              config.max_clock_skew_s), self.clock)
         self.latency_s = float(config.latency_s)
@@ -281,8 +285,23 @@ class VenueServer:
         it, so a crash replays with the surge of events a crash brings."""
         return max(self._activity.values(), default=1.0)
 
+    def fire_deadman(self) -> None:
+        """Fire the dead-man's switches that ran out (``deadman``) and notify the accounts."""
+        try:
+            accounts = self.api.deadman.fire_due()
+        except Exception:  # noqa: BLE001 - the loop never dies; count and go on
+            self.counts["errors"]["deadman"] += 1
+            log.exception("venue %s: dead-man's switch failed", self.config.name)
+            return
+        for account in accounts:
+            log.warning("venue %s: dead-man's switch fired for %s", self.config.name, account)
+            self._call_accounts[account] = None
+        if accounts:
+            self.publish()
+
     async def _md_loop(self) -> None:
         while True:
+            self.fire_deadman()  # first: a failing market-data step must not hold it back
             try:
                 self.step_market_data()
                 now = time.monotonic()
@@ -548,7 +567,7 @@ class VenueServer:
                        "fenced_orders": stats.fenced_orders,
                        "ticks_applied": stats.ticks_applied,
                        "ticks_skipped": dict(stats.ticks_skipped)},
-            "l1_feed": self.l1.status(),
+            "l1_feed": self.l1.status(), "deadman": self.api.deadman.status(),
         }
 
     # --- WebSocket transport ------------------------------------------------------------------
