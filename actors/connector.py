@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+import msgpack
 import numpy as np
 
 from actors.connector_core import (
@@ -147,6 +148,7 @@ class VenueConnector(EventSourced):
                  publish_interval_s: float = 0.05, heartbeat_s: float = 10.0,
                  reconnect_max_s: float = 5.0, l1_url: str | None = None,
                  options: Mapping[str, Any] | None = None, role_gated: bool = False,
+                 replica: str | None = None,
                  deadman_s: float | None = None) -> None:
         if not instruments:
             raise ValueError("instruments must not be empty")
@@ -191,18 +193,26 @@ class VenueConnector(EventSourced):
                                      "switch from its lease; leave deadman_s unset")
         self.deadman = DeadmanArmer(self._call, self.counters, venue,
                                     DeadmanPolicy(periodic_s=deadman_s))
+        # the replicated journal of the site this one may replace (actors.connector_replica)
+        self.replica = replica
+        self._replica_upto = 0
+        self._last_import: dict[str, Any] | None = None
 
     # ---------------------------------------------------------------- EventSourced
     def apply(self, event: dict[str, Any]) -> None:
+        if event["t"] == "replica":  # how far the replicated journal has been imported
+            self._replica_upto = max(self._replica_upto, int(event["upto"]))
+            return
         self.ledger.apply(event)
         if event["t"] == "fill" and hasattr(self, "_undelivered"):
             self._undelivered.append(event)
 
     def snapshot_state(self) -> Any:
-        return self.ledger.snapshot()
+        return {**self.ledger.snapshot(), "replica_upto": self._replica_upto}
 
     def restore_state(self, state: Any) -> None:
         self.ledger = Ledger.restore(state)
+        self._replica_upto = int(state.get("replica_upto", 0))
 
     # ---------------------------------------------------------------- public API
     async def submit(self, order: dict[str, Any], wait_s: float = 10.0) -> dict[str, Any]:
@@ -279,6 +289,10 @@ class VenueConnector(EventSourced):
     def fills(self) -> list[dict[str, Any]]:
         return list(self.ledger.fills.values())
 
+    def open_orders(self) -> list[dict[str, Any]]:
+        """The ledger's orders still in flight or resting (any epoch's, imported included)."""
+        return [dict(vars(o)) for o in self.ledger.unresolved()]
+
     def labels(self) -> list[str]:
         return list(self.ledger.orders)
 
@@ -294,6 +308,8 @@ class VenueConnector(EventSourced):
                 "market_data": "l1" if self.l1_url else "book",
                 "role": self.role.status(time.monotonic()),
                 "deadman": self.deadman.status(),
+                "replica": {"stream": self.replica, "imported_upto": self._replica_upto,
+                            "last_import": self._last_import},
                 "positions": self.positions(), "fills": len(self.ledger.fills),
                 "open_orders": len(self.ledger.unresolved()),
                 "journal_seq": self.journal_seq, "epoch": self.journal_epoch,
@@ -323,7 +339,9 @@ class VenueConnector(EventSourced):
         if not await self._wait_running(30.0):
             return  # still not connected: the next renewal retries
         try:
+            self._import_replica()  # what the site we replace journaled, before the venue
             await self._reconcile()  # fills and orders are the venue's, whoever sent them
+            await self._cancel_stale_epochs(epoch)
         except Exception as exc:  # noqa: BLE001 - stays ACTIVATING; lapses if not renewed
             self.counters["activation_failed"] += 1
             log.warning("%s: activation reconcile failed: %r", self.venue, exc)
@@ -342,6 +360,58 @@ class VenueConnector(EventSourced):
         if not any(o.state == "open" and o.label.startswith(prefix)
                    for o in self.ledger.orders.values()):
             await self.deadman.disarm(prefix)
+
+    def _import_replica(self) -> None:
+        """Journal what the replicated journal of the replaced site says that this ledger
+        does not know yet (see ``actors.connector_replica``)."""
+        store = getattr(self, "_es_store", None)
+        if not self.replica or store is None:
+            return
+        from actors.connector_replica import import_replica
+
+        t0 = time.perf_counter()
+        position_before = self.positions()
+        bodies = []
+        for batch in store.iter_read(self.replica, after_seq=self._replica_upto):
+            for record in batch:
+                try:
+                    body = msgpack.unpackb(record.payload, raw=False, strict_map_key=False)
+                except (ValueError, msgpack.UnpackException):
+                    self.counters["replica_undecodable"] += 1
+                    continue
+                if isinstance(body, dict):
+                    body.setdefault("rseq", record.seq)
+                    bodies.append((record.seq, body))
+        if not bodies:
+            self._last_import = {"records": 0, "ms": (time.perf_counter() - t0) * 1e3}
+            return
+        result = import_replica(self.ledger, [b for _, b in bodies])
+        upto = bodies[-1][0]
+        self.emit_many([*result.events, {"t": "replica", "upto": upto}])
+        self.counters["replica_records_read"] += result.records
+        self.counters["replica_events_imported"] += len(result.events)
+        self._last_import = {**result.summary(), "upto": upto,
+                             "position_before": position_before,
+                             "position_after": self.positions(),
+                             "ms": (time.perf_counter() - t0) * 1e3}
+        log.info("%s: imported %s from %s", self.venue, self._last_import, self.replica)
+
+    async def _cancel_stale_epochs(self, epoch: int) -> None:
+        """Cancel what rests at the venue under an older epoch (this site's or a deposed
+        one's): it belongs to no strategy of the new epoch."""
+        if not self.role.enabled:
+            return
+        own = f"e{epoch}."
+        for order in list(self.ledger.orders.values()):
+            if order.state == "open" and order.order_id is not None and \
+                    not order.label.startswith(own):
+                try:
+                    result = await self._call("private/cancel", {"order_id": order.order_id})
+                    self._record_order(result, order.label)
+                    self.counters["cancelled_stale_epoch"] += 1
+                except VenueError as exc:  # already gone (filled or cancelled): look it up
+                    self.counters["cancel_stale_epoch_failed"] += 1
+                    log.info("%s: cancel of stale %s: %s", self.venue, order.label, exc)
 
     async def _cancel_own_open(self, why: str) -> None:
         for order in list(self.ledger.orders.values()):

@@ -134,14 +134,24 @@ class Ledger:
     fills: dict[str, dict[str, Any]] = field(default_factory=dict)  # trade_id -> fill
     last_trade_seq: dict[str, int] = field(default_factory=dict)  # instrument -> seq
     position: dict[str, float] = field(default_factory=dict)  # signed, from fills
+    #: filled amount per label of fills whose order is not (yet) in the ledger: a standby sees
+    #: the active site's fills before it imports that site's intents (the newest kept)
+    orphan_filled: dict[str, float] = field(default_factory=dict)
+
+    MAX_ORPHANS = 100_000
 
     def apply(self, event: dict[str, Any]) -> None:
         kind = event["t"]
         if kind == "intent":
-            self.orders[event["label"]] = LedgerOrder(
+            order = self.orders[event["label"]] = LedgerOrder(
                 label=event["label"], instrument=event["instrument"],
                 direction=event["direction"], amount=event["amount"], price=event["price"],
                 type=event["type"])
+            filled = self.orphan_filled.pop(event["label"], 0.0)
+            if filled:
+                order.filled = filled
+                if filled >= order.amount - 1e-12:
+                    order.state = "filled"
         elif kind == "ack":
             order = self.orders.get(event["label"])
             if order is not None:
@@ -160,11 +170,16 @@ class Ledger:
             self.last_trade_seq[inst] = max(self.last_trade_seq.get(inst, 0), event["trade_seq"])
             sign = 1.0 if event["direction"] == "buy" else -1.0
             self.position[inst] = self.position.get(inst, 0.0) + sign * event["amount"]
-            order = self.orders.get(event.get("label") or "")
+            label = event.get("label") or ""
+            order = self.orders.get(label)
             if order is not None:
                 order.filled += event["amount"]
                 if order.filled >= order.amount - 1e-12:
                     order.state = "filled"
+            elif label:
+                self.orphan_filled[label] = self.orphan_filled.pop(label, 0.0) + event["amount"]
+                if len(self.orphan_filled) > self.MAX_ORPHANS:
+                    del self.orphan_filled[next(iter(self.orphan_filled))]
 
     def unresolved(self) -> list[LedgerOrder]:
         """Intents we may have sent but never heard back about, and orders still open."""
@@ -179,6 +194,7 @@ class Ledger:
             "fills": list(self.fills.values()),
             "last_trade_seq": dict(self.last_trade_seq),
             "position": dict(self.position),
+            "orphan_filled": dict(self.orphan_filled),
         }
 
     @classmethod
@@ -193,6 +209,7 @@ class Ledger:
             ledger.fills[fill["trade_id"]] = fill
         ledger.last_trade_seq = dict(state["last_trade_seq"])
         ledger.position = dict(state["position"])
+        ledger.orphan_filled = dict(state.get("orphan_filled", {}))
         return ledger
 
 

@@ -206,6 +206,29 @@ class MultiSite:
                     str(self.work_dir / f"site-{name}" / "promises"), self._preferred,
                     dict(subscribers.get(name, {}))), timeout=30)
 
+    def enable_replication(self, resource: str, store_urls: Mapping[str, str],
+                           streams: Mapping[str, Mapping[str, str]]) -> dict[str, str]:
+        """Replicate journal streams for ``resource`` between the sites' controllers
+        (:mod:`topology.journal_ship`): ``store_urls`` site -> its journal store, ``streams``
+        site -> ``{key: stream}`` shipped while that site is active. Each standby keeps them in
+        ``replica/<resource>/<key>`` of its own store. Call after :meth:`enable_roles`.
+        Returns site -> replica prefix."""
+        out = {}
+        for name in self.sites:
+            with self.use(name):
+                import ray
+
+                out[name] = ray.get(self.controller(name).enable_replication.remote(
+                    resource, store_urls[name], dict(streams.get(name, {}))), timeout=30)
+        return out
+
+    def replication(self, site: str) -> dict[str, Any]:
+        """``site``'s controller: per resource, what was shipped and applied, and the lag."""
+        import ray
+
+        with self.use(site):
+            return ray.get(self.controller(site).replication_status.remote(), timeout=10)
+
     # -- the driver's connection ---------------------------------------------------------
     @contextlib.contextmanager
     def use(self, site: str) -> Iterator[Site]:
@@ -319,16 +342,20 @@ def trades_by_site(rpc: Any, instrument: str = "BTC-PERPETUAL") -> dict[str, lis
 
 def failover_tree(site: str, venue: str, ws_url: str, client_id: str, client_secret: str, *,
                   instruments: Sequence[str] = ("BTC-PERPETUAL",),
-                  flow_interval_s: float | None = 0.05) -> Any:
+                  flow_interval_s: float | None = 0.05, replicated: bool = True) -> Any:
     """A site's tree for a venue under failover: its role-gated connector
     (``site-<site>/<venue>``; subscribe it to the venue's roles) and, unless
-    ``flow_interval_s`` is None, a client order flow into it (``site-<site>/flow``)."""
+    ``flow_interval_s`` is None, a client order flow into it (``site-<site>/flow``).
+    ``replicated``: on promotion the connector imports the replicated journal of the site it
+    replaces (``replica/<venue>/<venue>``; see :func:`connector_streams`)."""
     from supervisors import ChildSpec, Placement, SupervisorSpec
 
     children = [ChildSpec(id=venue, cls="actors.connector:VenueConnector",
                           kwargs={"venue": venue, "ws_url": ws_url, "client_id": client_id,
                                   "client_secret": client_secret,
-                                  "instruments": list(instruments), "role_gated": True},
+                                  "instruments": list(instruments), "role_gated": True,
+                                  "replica": f"replica/{venue}/{venue}" if replicated
+                                  else None},
                           placement=Placement(site=site))]
     if flow_interval_s is not None:
         children.append(ChildSpec(id="flow", cls="actors.order_flow:OrderFlow",
@@ -336,3 +363,8 @@ def failover_tree(site: str, venue: str, ws_url: str, client_id: str, client_sec
                                           "instrument": instruments[0],
                                           "interval_s": flow_interval_s}))
     return SupervisorSpec(id=f"site-{site}", children=children)
+
+
+def connector_streams(site: str, venue: str, namespace: str = "bastion") -> dict[str, str]:
+    """The journal stream of :func:`failover_tree`'s connector, keyed as its replica is."""
+    return {venue: f"{namespace}/site-{site}/{venue}"}

@@ -63,6 +63,7 @@ class MeshAgentActor:
         self.roles: Any = None
         self.role_log: list[dict[str, Any]] = []
         self._role_subs: dict[str, list[tuple[str, str]]] = {}
+        self._shippers: dict[str, Any] = {}  # resource -> topology.journal_ship.JournalShipper
         self.agent.subscribe(self._deliver)
         self.agent.start()
 
@@ -177,6 +178,35 @@ class MeshAgentActor:
     def roles_status(self) -> dict[str, Any]:
         return {**self.roles.status(), "events": self.role_log[-20:]}
 
+    def enable_replication(self, resource: str, store_url: str, streams: Mapping[str, str],
+                           *, replica_prefix: str | None = None,
+                           store_opener: str = "supervisors.journal:open_store",
+                           poll_s: float = 0.01) -> str:
+        """Ship the journal ``streams`` (``{key: stream}``) of the store at ``store_url`` to
+        the other sites while this site is active for ``resource``, and keep theirs in
+        ``<replica_prefix>/<key>`` while it is standby (:mod:`topology.journal_ship`).
+        ``store_opener`` ("module:function") opens the store: ``topology`` imports no
+        application code. Call after :meth:`enable_roles`. Returns the replica prefix."""
+        import importlib
+
+        from topology.journal_ship import JournalShipper
+
+        if self.roles is None:
+            raise RuntimeError("enable_roles first: replication follows the site's roles")
+        module, _, func = store_opener.partition(":")
+        store = getattr(importlib.import_module(module), func)(store_url)
+        prefix = replica_prefix or f"replica/{resource}"
+        shipper = JournalShipper(store, streams, replica_prefix=prefix, poll_s=poll_s)
+        shipper.attach(self.roles.open_log(resource, shipper.apply,
+                                           on_truncate=shipper.on_truncate))
+        shipper.start()
+        self._shippers[resource] = shipper
+        return prefix
+
+    def replication_status(self) -> dict[str, Any]:
+        """Per replicated resource: streams shipped / applied, lag, the log's status."""
+        return {r: s.status() for r, s in self._shippers.items()}
+
     def may_act(self, resource: str) -> bool:
         return self.roles.may_act(resource)
 
@@ -184,6 +214,8 @@ class MeshAgentActor:
         return self.roles.transfer(resource, to_site).to_dict()
 
     def stop(self, leave: bool = True) -> None:
+        for shipper in self._shippers.values():
+            shipper.stop()
         if self.roles is not None:
             self.roles.stop(release=leave)
         self.agent.stop(leave=leave)
