@@ -56,7 +56,8 @@ def test_mesh_when_started_on_every_node_then_all_up_over_curve_and_agents_renic
         assert secret.stat().st_mode & 0o777 == 0o600
         key = re.search(r'secret-key = "([^"]+)"', secret.read_text())
         assert key and key.group(1) not in str(s)  # never in status
-        assert s["reniced"]  # root here: the agent threads run at nice 0, not Ray's 15
+        # root here: SCHED_RR (nice 0 where real-time is not permitted), never Ray's nice 15
+        assert s["reniced"] and s["priority"] in ("realtime", "nice"), s["priority"]
 
 
 @pytest.mark.slow

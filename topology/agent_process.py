@@ -12,7 +12,7 @@
      "control": "tcp://127.0.0.1:*"}
 
 It prints one line once the agent runs — ``MESH_READY node=<id> endpoint=<bound endpoint>
-control=<control endpoint> pid=<pid>`` — then serves the control socket (a REP socket on loopback
+control=<control endpoint> pid=<pid> priority=<realtime|nice|inherit>`` — then serves the control socket (a REP socket on loopback
 only; one JSON request, one JSON reply ``{"ok": true, "result": ...}`` or ``{"ok": false,
 "error": "..."}``): ``status``, ``events_since {seq}``, ``set_link_faults {peer, drop_out,
 drop_in, delay_s}``, ``clear_link_faults {peer?}``, ``add_peer {node_id, endpoint, site,
@@ -38,7 +38,7 @@ import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 
 import zmq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -47,6 +47,7 @@ from topology.agent import MeshAgent
 from topology.agent_types import AgentState, Peer
 from topology.config import MeshConfig
 from topology.keys import load_allow_list, load_identity, load_public_key
+from topology.priority import raise_priority
 
 __all__ = ["AgentProcessConfig", "ControlClient", "ControlError", "ControlServer",
            "build_agent", "main"]
@@ -90,6 +91,9 @@ class AgentProcessConfig(BaseModel):
     voter_only: bool = False
     leave_on_stop: bool = True
     log_level: str = "INFO"
+    #: CPU priority of the agent's threads (``topology.priority``): real-time SCHED_RR when
+    #: permitted (falls back to nice 0), so a saturated machine does not look dead.
+    priority: Literal["realtime", "nice", "inherit"] = "realtime"
     #: A lease voter served over the mesh (``topology.witness``): ``{"store": "promises.json",
     #: "preset": "local", "overrides": {...}}``. Required when ``voter_only``.
     lease_voter: dict[str, Any] | None = None
@@ -271,6 +275,7 @@ def main(argv: list[str] | None = None, *, voter_only: bool = False) -> int:
             AgentProcessConfig.model_validate(cfg.model_dump())
         logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        applied = raise_priority(cfg.priority)  # before any agent or ZeroMQ thread starts
         agent = build_agent(cfg, base)
     except (ValueError, ValidationError) as exc:   # MeshConfigError, KeyFileError included
         print(f"topology.agent: config error: {exc}", file=sys.stderr)
@@ -294,7 +299,8 @@ def main(argv: list[str] | None = None, *, voter_only: bool = False) -> int:
         if cfg.control is not None:
             control = ControlServer(agent, cfg.control)
         print(f"MESH_READY node={agent.node_id} endpoint={agent.endpoint} "
-              f"control={control.endpoint if control else '-'} pid={os.getpid()}", flush=True)
+              f"control={control.endpoint if control else '-'} pid={os.getpid()} "
+              f"priority={applied}", flush=True)
         if control is not None:
             control.serve(stop)
         else:

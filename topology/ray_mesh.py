@@ -9,8 +9,9 @@ crashed or hung node takes its agent with it and the others notice in well under
 
 Node ids are Ray node ids (hex), so a subscriber such as a supervisor can act on an event
 directly. An agent's loop must not be starved by the work it watches: Ray runs workers at a
-low CPU priority (nice 15); run as root, the actor raises its own threads back to nice 0 (or
-``nice``) before it starts the agent, so a saturated node does not look dead. This module is
+low CPU priority (nice 15); the actor raises its own threads to real-time ``SCHED_RR`` (or,
+where that is not permitted, back to nice ``nice``: :mod:`topology.priority`) before it starts
+the agent, so a saturated node does not look dead. This module is
 the only one in ``topology`` that calls Ray.
 """
 
@@ -18,8 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,6 +27,7 @@ from typing import Any
 
 from topology.agent import MeshAgent, Peer
 from topology.config import MeshConfig
+from topology.priority import Priority, raise_priority
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,14 @@ class MeshAgentActor:
 
     def __init__(self, site: str, host: str, config: Mapping[str, Any], *, port: int = 0,
                  nice: int | None = 0, voter_only: bool = False,
-                 keys_dir: str | None = None) -> None:
+                 keys_dir: str | None = None, priority: Priority = "realtime") -> None:
         import ray
 
         self.node_id = ray.get_runtime_context().get_node_id()
         self.site = site
-        self.reniced = _renice(nice)
+        # SCHED_RR when permitted, else nice (Ray runs workers at nice 15): topology.priority
+        self.priority = raise_priority(priority, nice=nice)
+        self.reniced = self.priority != "inherit"
         cfg = MeshConfig.from_mapping(dict(config))
         curve = None
         if keys_dir is not None:  # CURVE: this node's own key pair, made here, secret 0600
@@ -97,7 +99,7 @@ class MeshAgentActor:
 
     # -- reading ---------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
-        return {**self.agent.status(), "reniced": self.reniced,
+        return {**self.agent.status(), "reniced": self.reniced, "priority": self.priority,
                 "delivery": dict(self.delivery),
                 "subscribers": [list(s) for s in self._subscribers]}
 
@@ -223,18 +225,6 @@ class MeshAgentActor:
     def __repr__(self) -> str:  # what the dashboard shows
         states = Counter(self.member_states().values())
         return f"MeshAgent({self.site} {self.node_id[:8]} {dict(states)})"
-
-
-def _renice(nice: int | None) -> bool:
-    """Give this thread (and the agent threads it starts next) CPU priority ``nice``; Linux
-    nice values are per thread and inherited. Needs root to go below the current value."""
-    if nice is None:
-        return False
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-        return True
-    except (PermissionError, OSError):
-        return False
 
 
 @dataclass
