@@ -47,7 +47,7 @@ def _pct(values: list[float], q: float) -> float:
 def run(quick: bool = False) -> dict[str, Any]:
     from actors.venue.process import VenueProcess
     from cluster.demo import venue_rpc
-    from cluster.multisite import MultiSite, failover_tree, trades_by_site
+    from cluster.multisite import MultiSite, connector_streams, failover_tree, trades_by_site
     from supervisors import start_tree
     from topology.lease import LeaseConfig
 
@@ -55,6 +55,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-failover-"))
     (cid, secret), = KEYS.items()
     rtos, stops, overlaps, epochs = [], [], [], []
+    import_ms: list[float] = []  # per sample: the promoted connector's replica import
     with VenueProcess.start("deribit", seed=3, keys=KEYS, speedup=60.0) as venue:
         def trades() -> dict[str, list[tuple[int, int]]]:
             return trades_by_site(lambda m, p: venue_rpc(venue.http_url, cid, secret, m, p))
@@ -77,8 +78,15 @@ def run(quick: bool = False) -> dict[str, Any]:
                                namespace="bastion", store_url=f"sqlite://{work / name}")
             sites.enable_roles({name: {"deribit": [(f"site-{name}/deribit", "bastion")]}
                                 for name in sites.sites})
+            sites.enable_replication(
+                "deribit", {name: f"sqlite://{work / name}" for name in sites.sites},
+                {name: connector_streams(name, "deribit") for name in sites.sites})
             active, standby = "tokyo", "london"
             wait(lambda: len(trades().get(active, [])) >= 20, 60, f"{active} trading")
+            # steady state, before any cut: the active's journal reaching the standby
+            wait(lambda: sites.replication(standby)["deribit"]["apply_lag_s"]["n"] >= 200, 30,
+                 "200 records replicated")
+            steady = sites.replication(standby)["deribit"]["apply_lag_s"]
             for _ in range(samples):
                 before = len(trades().get(standby, []))
                 cut_ms = sites.cut_off(active) * 1000
@@ -90,6 +98,13 @@ def run(quick: bool = False) -> dict[str, Any]:
                 stops.append(max(0.0, last_old - cut_ms) / 1000)
                 overlaps.append(max(0.0, last_old - first_new))
                 epochs.append(max(e for _, e in got[standby]))
+                with sites.use(standby):
+                    import ray
+
+                    imported = ray.get(ray.get_actor(f"site-{standby}/deribit",
+                                                     namespace="bastion").status.remote(),
+                                       timeout=10)["replica"]["last_import"] or {}
+                import_ms.append(float(imported.get("ms", math.nan)))
                 sites.heal()
                 # the healed site stands by: the next sample cuts the new active one
                 active, standby = standby, active
@@ -110,6 +125,10 @@ def run(quick: bool = False) -> dict[str, Any]:
         "venue_fenced_orders": engine["fenced_orders"],
         "venue_duplicate_labels": engine["duplicate_labels"],
         "ratio_rto_p50_vs_lease": round(_pct(rtos, 50) / lease_s, 2),
+        "replication_lag_steady_n": steady["n"],
+        "replication_lag_steady_p50_ms": round(steady["p50"] * 1000, 2),
+        "replication_lag_steady_p99_ms": round(steady["p99"] * 1000, 2),
+        "replica_import_p50_ms": round(_pct([m for m in import_ms if m == m], 50), 2),
         "goal_rto_p99_s": GOAL_RTO_S,
         "goal_failover_met": bool(p99 <= GOAL_RTO_S and max(overlaps) == 0),
     }
