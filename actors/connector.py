@@ -46,6 +46,7 @@ from actors.connector_core import (
 )
 from actors.connector_deadman import DeadmanArmer, DeadmanConfigError, DeadmanPolicy
 from actors.connector_role import RoleGate
+from actors.metrics import ConnectorMetrics
 from supervisors import EventSourced, current_context
 
 log = logging.getLogger("bastion.connector")
@@ -195,6 +196,7 @@ class VenueConnector(EventSourced):
                                     DeadmanPolicy(periodic_s=deadman_s))
         # the replicated journal of the site this one may replace (actors.connector_replica)
         self.replica = replica
+        self._metrics = ConnectorMetrics(venue, self.connector_id)
         self._replica_upto = 0
         self._last_import: dict[str, Any] | None = None
 
@@ -750,6 +752,9 @@ class VenueConnector(EventSourced):
         namespace = current_context().namespace if current_context() else None
         while self.machine.state != "STOPPED":
             await asyncio.sleep(self.publish_interval_s)
+            self._metrics.export(self.machine.state, len(self.ledger.fills),
+                                 len(self.ledger.unresolved()), self.ledger.position,
+                                 self.role.status(time.monotonic()))  # at most 1/s
             new_fills = [_deribit_trade(f) for f in self._undelivered]
             self._undelivered = []
             if not self.subscribers:

@@ -44,6 +44,7 @@ from actors.limits import (
     check,
     evaluate,
 )
+from actors.metrics import RiskBookMetrics
 from actors.risk import RiskConfig, RiskState, parse_contract
 from actors.venue.clock import Clock, WallClock
 from supervisors import EventSourced
@@ -186,6 +187,7 @@ class RiskBook(EventSourced):
         prepared = self.risk.prepare_fills(fills)
         self.emit_many(prepared.events)
         self._evaluate(self._clock.now_s())
+        self._export_metrics()
         return {"seq": self.journal_seq, "applied": prepared.applied,
                 "duplicates": prepared.duplicates, "rejected": prepared.rejected}
 
@@ -199,6 +201,7 @@ class RiskBook(EventSourced):
         self._measures_cache = None
         self._evaluate(ts)
         self._md.record(batch, time.time())
+        self._export_metrics()
         return {"applied": result.applied, "rejected": result.rejected,
                 "ignored": result.ignored, "trading_state": self.machine.state.value}
 
@@ -310,6 +313,19 @@ class RiskBook(EventSourced):
 
     def recovery(self) -> dict[str, Any]:
         return self.recovery_stats()
+
+    def _export_metrics(self) -> None:
+        metrics = getattr(self, "_metrics", None)
+        if metrics is None:
+            metrics = self._metrics = RiskBookMetrics(self.book_id)
+        if metrics.throttle.due():
+            try:
+                pnl = self.risk.total_pnl_usd()
+            except Exception:  # noqa: BLE001 - metrics never break the book
+                pnl = math.nan
+            metrics.export(self.machine.state.value,
+                           {n: p.size for n, p in self.risk.positions.items()}, pnl,
+                           force=True)
 
     def __repr__(self) -> str:
         risk = getattr(self, "risk", None)

@@ -36,6 +36,7 @@ from ._policy import (
     status_after_exit,
 )
 from .journal import open_store
+from .metrics import TreeMetrics
 from .placement import Candidate, PlacementError, choose_node
 from .spec import BRUTAL_KILL, AnySpec, SupervisorSpec, join_path
 
@@ -118,6 +119,7 @@ class SupervisorActor:
         self._failure: str | None = None
         self._transitions: list[tuple[float, str, str, str]] = []
         self._pid = os.getpid()
+        self._metrics = TreeMetrics(tree, path)  # Ray metrics, updated on every change
         for child_spec in spec.children:
             self._add(child_spec, dynamic=False)
         saved = self._load()
@@ -650,6 +652,8 @@ class SupervisorActor:
             },
         }
         self._store.kv_put(self._key, cloudpickle.dumps(record))
+        self._metrics.update((self._children[cid].info() for cid in self._order),
+                             self._intensity.count(time.time()), self.spec.intensity)
 
     def _load(self) -> dict[str, Any] | None:
         blob = self._store.kv_get(self._key)
