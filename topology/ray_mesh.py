@@ -68,6 +68,11 @@ class MeshAgentActor:
         self._shippers: dict[str, Any] = {}  # resource -> topology.journal_ship.JournalShipper
         self.agent.subscribe(self._deliver)
         self.agent.start()
+        from topology.mesh_metrics import MeshMetrics
+
+        self.metrics = MeshMetrics(self.node_id, site, self.agent.status,
+                                   lambda: self.roles.status() if self.roles else None)
+        self.metrics.start()
 
     # -- peers and faults ------------------------------------------------------------------
     def endpoint(self) -> tuple[str, str, str, str | None]:
@@ -218,6 +223,7 @@ class MeshAgentActor:
     def stop(self, leave: bool = True) -> None:
         for shipper in self._shippers.values():
             shipper.stop()
+        self.metrics.stop()
         if self.roles is not None:
             self.roles.stop(release=leave)
         self.agent.stop(leave=leave)
