@@ -58,6 +58,13 @@ def test_mesh_when_started_on_every_node_then_all_up_over_curve_and_agents_renic
         assert key and key.group(1) not in str(s)  # never in status
         # root here: SCHED_RR (nice 0 where real-time is not permitted), never Ray's nice 15
         assert s["reniced"] and s["priority"] in ("realtime", "nice"), s["priority"]
+    # Each agent exports its peers' phi and liveness as Ray metrics (what Grafana plots).
+    from tests.test_metrics import sample, scrape
+
+    first = next(iter(status))[:12]
+    text = wait_until(lambda: (t := scrape()) and sample(
+        t, "bastion_mesh_peer_alive", node=first) == 1.0 and t, 60, "mesh metrics scraped")
+    assert sample(text, "bastion_mesh_phi", node=first) is not None
 
 
 @pytest.mark.slow
