@@ -76,6 +76,7 @@ class _Child:
     backoff: BackoffState | None = None
     pending_restart: bool = False
     start_task: asyncio.Task | None = None
+    migrations: int = 0  # planned moves (drain, rebalance): not restarts, not failures
 
     def info(self) -> dict[str, Any]:
         # "starting" is internal: to users a child not yet up is "restarting".
@@ -86,6 +87,7 @@ class _Child:
             "incarnation": self.incarnation, "last_failure": self.last_failure,
             "started_at": self.started_at, "is_supervisor": self.spec.is_supervisor,
             "dynamic": self.dynamic, "restart": self.spec.restart,
+            "migrations": self.migrations,
         }
 
 
@@ -116,6 +118,8 @@ class SupervisorActor:
         self._queue: asyncio.Queue[_Event] | None = None
         self._loop_task: asyncio.Task | None = None
         self._down_nodes: dict[str, float] = {}
+        self._draining: set[str] = set()  # nodes being removed: nothing placed there
+        self._avoid: set[str] = set()     # nodes the child being moved must not go back to
         self._failure: str | None = None
         self._transitions: list[tuple[float, str, str, str]] = []
         self._pid = os.getpid()
@@ -163,6 +167,20 @@ class SupervisorActor:
 
     def node_up(self, node_id: str) -> None:
         self._down_nodes.pop(node_id, None)
+        self._draining.discard(node_id)
+
+    async def drain_node(self, node_id: str) -> list[str]:
+        """Move this supervisor's children off ``node_id`` in an orderly way (a planned
+        migration, not a fault: each is stopped gracefully and started elsewhere with its
+        state, restarts and last failure unchanged), and place nothing there again until
+        ``node_up``. Returns the paths moved; sub-supervisors are not descended into (the
+        tree does that, see ``Tree.drain_node``)."""
+        return await self._submit("drain_node", node_id=node_id)
+
+    async def move_child(self, child_id: str, avoid: list[str] | None = None) -> dict[str, Any]:
+        """Move one running child to another node (not ``avoid``, nor its current one),
+        gracefully, as :meth:`drain_node` does; returns its new info."""
+        return await self._submit("move_child", child_id=child_id, avoid=list(avoid or []))
 
     async def on_node_event(self, event: dict[str, Any]) -> list[str]:
         """A membership event from an outside failure detector (the ZeroMQ mesh subscribes
@@ -245,7 +263,8 @@ class SupervisorActor:
             "start": self._do_start, "recover": self._do_recover, "exit": self._on_exit,
             "restart": self._do_delayed_restart, "start_child": self._do_start_child,
             "terminate_child": self._do_terminate_child, "stop": self._do_stop,
-            "node_down": self._do_node_down,
+            "node_down": self._do_node_down, "drain_node": self._do_drain_node,
+            "move_child": self._do_move_child,
         }
         while True:
             event = await self._queue.get()
@@ -297,6 +316,7 @@ class SupervisorActor:
                 continue
             child.incarnation = record["incarnation"]
             child.restarts = record["restarts"]
+            child.migrations = record.get("migrations", 0)
             # Not "running" until seen alive: until then it reads as restarting (no pid).
             status = record["status"]
             child.status = "restarting" if status in ("running", "restarting") else status
@@ -440,6 +460,40 @@ class SupervisorActor:
         await self._shutdown_rest()
         self._transition("stopped", "stopped")
         self._wipe()
+
+    async def _do_drain_node(self, node_id: str) -> list[str]:
+        self._draining.add(node_id)
+        moved = []
+        for cid in list(self._order):
+            child = self._children[cid]
+            if child.node_id == node_id and child.status == "running":
+                await self._move(child, {node_id})
+                moved.append(child.path)
+        return moved
+
+    async def _do_move_child(self, child_id: str, avoid: list[str]) -> dict[str, Any]:
+        child = self._children.get(child_id)
+        if child is None or child.status != "running":
+            raise KeyError(f"{join_path(self.path, child_id)}: no running child with that id")
+        await self._move(child, {*avoid, *([child.node_id] if child.node_id else [])})
+        return child.info()
+
+    async def _move(self, child: _Child, avoid: set[str]) -> None:
+        """Stop gracefully, start elsewhere: a migration, so neither a restart nor a failure
+        is recorded (``migrations`` counts it)."""
+        await self._stop_child(child)
+        self._avoid = avoid
+        try:
+            await self._start_child(child)
+        except Exception as exc:  # noqa: BLE001 - it is down now: restart it as a crash would
+            reason = f"move failed: {type(exc).__name__}: {exc}"[:300]
+            child.status = "restarting"
+            self._post("exit", child_id=child.spec.id, incarnation=child.incarnation,
+                       exit_kind=ABNORMAL, reason=reason, node_died=False)
+        finally:
+            self._avoid = set()
+        child.migrations += 1
+        self._save()
 
     async def _do_node_down(self, node_id: str, reason: str) -> list[str]:
         self._down_nodes[node_id] = time.time()
@@ -607,7 +661,8 @@ class SupervisorActor:
                       for n in nodes]
         try:
             node_id = choose_node(child.path, placement, candidates,
-                                  excluded=set(self._down_nodes), group_nodes=group_nodes,
+                                  excluded={*self._down_nodes, *self._draining,
+                                            *self._avoid}, group_nodes=group_nodes,
                                   load=load, need=need)
         except PlacementError as exc:
             raise StartError(child.path, str(exc)) from None
@@ -647,7 +702,8 @@ class SupervisorActor:
                         if self._children[cid].dynamic],
             "children": {
                 cid: {"incarnation": c.incarnation, "restarts": c.restarts,
-                      "status": c.status, "last_failure": c.last_failure}
+                      "status": c.status, "last_failure": c.last_failure,
+                      "migrations": c.migrations}
                 for cid, c in self._children.items()
             },
         }

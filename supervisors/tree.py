@@ -60,6 +60,7 @@ class ChildInfo:
     is_supervisor: bool = False
     dynamic: bool = False
     restart: str = "permanent"
+    migrations: int = 0  # planned moves off a node (drain / rebalance); not restarts
 
 
 class TreeError(RuntimeError):
@@ -136,6 +137,31 @@ class Tree:
             if sup is not None:
                 moved += ray.get(sup.node_down.remote(node_id, reason), timeout=30.0)
         return moved
+
+    def drain_node(self, node_id: str, timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> list[str]:
+        """Move every child of the tree off ``node_id`` (orderly: graceful stop, start
+        elsewhere with its state; no restart and no failure recorded) and place nothing there
+        until ``node_up``: what a node being removed needs. Returns the paths moved."""
+        moved: list[str] = []
+        for path in self._supervisor_paths():
+            sup = _ray.get_named(path, self.namespace)
+            if sup is not None:
+                moved += ray.get(sup.drain_node.remote(node_id), timeout=timeout_s)
+        return moved
+
+    def move_child(self, path: str, avoid: list[str] | None = None,
+                   timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> ChildInfo:
+        """Move the child at ``path`` to another node (a rebalance), as ``drain_node`` does."""
+        parent, _, cid = path.rpartition("/")
+        return ChildInfo(**ray.get(self._supervisor(parent).move_child.remote(cid, avoid),
+                                   timeout=timeout_s))
+
+    def node_up(self, node_id: str) -> None:
+        """Make ``node_id`` placeable again for every supervisor of the tree."""
+        for path in self._supervisor_paths():
+            sup = _ray.get_named(path, self.namespace)
+            if sup is not None:
+                ray.get(sup.node_up.remote(node_id), timeout=30.0)
 
     def stop(self, timeout_s: float = DEFAULT_CALL_TIMEOUT_S) -> None:
         """Orderly shutdown: children stop in reverse start order, depth first."""

@@ -60,6 +60,7 @@ class MeshAgentActor:
         self.agent = MeshAgent(self.node_id, site, f"tcp://{host}:{port or '*'}", {}, cfg,
                                voter_only=voter_only, curve=curve)
         self.public_key = curve.public.decode() if curve is not None else None
+        self.keys_dir = keys_dir  # where a new node's agent makes its key pair too
         self.delivery: Counter[str] = Counter()
         self._subscribers: list[tuple[str, str, str]] = []
         self.roles: Any = None
@@ -78,6 +79,20 @@ class MeshAgentActor:
     def endpoint(self) -> tuple[str, str, str, str | None]:
         """``(node_id, site, endpoint, CURVE public key or None)``."""
         return self.node_id, self.site, str(self.agent.endpoint), self.public_key
+
+    def peer_table(self) -> dict[str, tuple[str, str, str | None]]:
+        """This agent's peers as ``set_peers`` takes them (public keys only)."""
+        return {nid: (p.endpoint, p.site, p.public_key.decode() if p.public_key else None)
+                for nid, p in self.agent.peers().items()}
+
+    def mesh_config(self) -> dict[str, Any]:
+        """The agent's :class:`~topology.config.MeshConfig` fields (a new node's agent must
+        run the same)."""
+        return self.agent.config.model_dump()
+
+    def remove_peer(self, node_id: str) -> None:
+        """Forget a peer that left (after ``stop(leave=True)`` on its node)."""
+        self.agent.remove_peer(node_id)
 
     def set_peers(self, peers: Mapping[str, Sequence[str | None]]) -> list[str]:
         """Make the peers exactly these ``{node_id: (endpoint, site[, public key])}`` (self
@@ -105,6 +120,7 @@ class MeshAgentActor:
     # -- reading ---------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         return {**self.agent.status(), "reniced": self.reniced, "priority": self.priority,
+                "keys_dir": self.keys_dir,
                 "delivery": dict(self.delivery),
                 "subscribers": [list(s) for s in self._subscribers]}
 
