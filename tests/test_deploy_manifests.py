@@ -86,6 +86,8 @@ def test_launcher_worker_types_are_labelled_by_site(launcher: dict[str, Any]) ->
     assert workers["london_worker"]["labels"]["site"] == "london"
     for name, spec in workers.items():
         assert spec.get("min_workers", 0) >= 1, f"{name}: no node of this site is kept up"
+        assert spec["max_workers"] > spec["min_workers"], f"{name}: the autoscaler cannot grow it"
+    assert launcher["max_workers"] >= sum(s["max_workers"] for s in workers.values())
     # Labels reach `ray start` through RAY_OVERRIDE_LABELS, which the launcher skips for the
     # on-premise provider: per-type labels need a cloud provider.
     assert launcher["provider"]["type"] != "local"
@@ -160,6 +162,8 @@ def test_kuberay_worker_groups_are_labelled_by_site(raycluster: dict[str, Any]) 
     for name, group in workers.items():
         assert group["replicas"] >= 1, f"{name}: no replicas"
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        assert group["maxReplicas"] > group["minReplicas"], "the autoscaler cannot grow a site"
+    assert raycluster["spec"]["enableInTreeAutoscaling"] is True  # the autoscaler sidecar
 
 
 def test_kuberay_groups_are_well_formed(raycluster: dict[str, Any]) -> None:
