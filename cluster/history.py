@@ -20,8 +20,13 @@ and kept); ``ENUMS`` lists the fields with a closed set of values:
     limit_change  (who, why, old, new)    a risk limit changed; the audit wants who and why
     fault         id, kind, target, bound_s   injected; recovery is due within bound_s
     recovered     fault_id                the fault's target is back
+    fault_end     fault_id                the fault was undone (a heal, SIGCONT, a clock set back)
     journal       stream, last_seq, ranges   the seqs present, as [[first, last], ...] runs
                                               (compacted_upto, corrupt: [seq, ...])
+    detected      fault_id, by            something noticed the fault (mesh, supervisor, role,
+                                              venue, checker): the detection time is ts - fault's
+    alert         severity, detector      an anomaly alert (scope, evidence)
+    pnl           book, value             a P&L sample (USD) for the report's timeline
 
 ``load_history`` never raises on content: a line that is not JSON, not an object, of an unknown
 kind or missing a field is reported by line number in ``History.malformed``.
@@ -62,7 +67,11 @@ EVENT_FIELDS: dict[str, dict[str, tuple[type, ...]]] = {
     "limit_change": {},
     "fault": {"id": _STR, "kind": _STR, "target": _STR, "bound_s": _NUM},
     "recovered": {"fault_id": _STR},
+    "fault_end": {"fault_id": _STR},
     "journal": {"stream": _STR, "last_seq": _INT, "ranges": _LIST},
+    "detected": {"fault_id": _STR, "by": _STR},
+    "alert": {"severity": _STR, "detector": _STR},
+    "pnl": {"book": _STR, "value": _NUM},
 }
 
 #: Fields whose value must be one of these.
