@@ -170,6 +170,8 @@ class LocalCluster:
             raise ClusterError(f"node names must be unique, got {names}")
         if auth_mode not in ("disabled", "token"):
             raise ClusterError(f"auth_mode must be 'disabled' or 'token', got {auth_mode!r}")
+        if auth_mode == "token":
+            ensure_auth_token()
         wd = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="bastion-"))
         wd.mkdir(parents=True, exist_ok=True)
         port = _free_port()
@@ -386,6 +388,31 @@ class LocalCluster:
                 if any(marker in part for part in cmdline) and proc.pid != os.getpid():
                     found.append(proc)
         return found
+
+
+def ensure_auth_token() -> Path | None:
+    """Make sure Ray's token authentication has a token: ``RAY_AUTH_TOKEN`` or an existing
+    ``RAY_AUTH_TOKEN_PATH`` file are used as they are; otherwise ``~/.ray/auth_token`` (Ray's
+    default, which every later driver and ``ray`` command finds by itself), created 0600 with
+    Ray's own generator if missing — ``ray start --head`` does not create it. Returns the file
+    (None when the token comes from the environment)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    given = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if given and Path(given).is_file():
+        return Path(given)
+    path = Path.home() / ".ray" / "auth_token"
+    if not path.exists():
+        from ray._private.authentication.authentication_token_generator import (
+            generate_new_authentication_token,
+        )
+
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):  # another process made it meanwhile
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(generate_new_authentication_token())
+    return path
 
 
 def iter_descendants(pid: int) -> Iterator[int]:

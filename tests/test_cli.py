@@ -30,17 +30,43 @@ start_tree(SupervisorSpec(id="root", children=[
 """
 
 
+#: Ray's own actor table (the GCS), as a separate driver sees it: name -> (state, pid, node)
+ACTOR_TABLE = """
+import json, sys, ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+out = {}
+for a in ray.util.list_named_actors(all_namespaces=True):
+    if a["namespace"] != "cli":
+        continue
+    h = ray.get_actor(a["name"], namespace="cli")
+    e = ray._private.state.actors(h._actor_id.hex())
+    out[a["name"]] = [e["State"], e["Pid"], e["Address"]["NodeID"]]
+print(json.dumps(out))
+"""
+
+
+def _statuses(tree: dict) -> dict[str, dict]:
+    """actor name -> the status entry of every child in a ``status --json`` tree."""
+    out = {}
+    for child in tree["children"]:
+        out[child["actor_name"]] = child
+        if isinstance(child.get("tree"), dict) and "children" in child["tree"]:
+            out.update(_statuses(child["tree"]))
+    return out
+
+
 def run(*args: str, env: dict[str, str], timeout_s: float = 120.0) -> subprocess.CompletedProcess:
     return subprocess.run([BASTION, *args], env=env, capture_output=True, text=True,
                           timeout=timeout_s, check=False)
 
 
 @pytest.mark.slow
-def test_cli_when_up_status_down_then_cluster_reported_and_nothing_left(tmp_path) -> None:
-    env = {**os.environ, "BASTION_CLUSTER_DIR": str(tmp_path / "c"), "RAY_AUTH_MODE": "disabled"}
+@pytest.mark.parametrize("auth", ["disabled", "token"])
+def test_cli_when_up_status_down_then_cluster_reported_and_nothing_left(tmp_path, auth) -> None:
+    env = {**os.environ, "BASTION_CLUSTER_DIR": str(tmp_path / "c"), "RAY_AUTH_MODE": auth}
     env.pop("RAY_ADDRESS", None)
     up = run("up", "--nodes", "head:tokyo,tokyo-1:tokyo:b,london-1:london", "--no-dashboard",
-             env=env)
+             "--auth", auth, env=env)
     pids: set[int] = set()
     try:
         assert up.returncode == 0, up.stderr
@@ -67,6 +93,17 @@ def test_cli_when_up_status_down_then_cluster_reported_and_nothing_left(tmp_path
         assert kids["ldn"]["status"] == "running" and kids["ldn"]["node"] == "london-1"
         assert [c["id"] for c in kids["sub"]["tree"]["children"]] == ["x"]
         assert kids["sub"]["tree"]["children"][0]["node"] == "tokyo-1"
+        # The status agrees with Ray's own actor table on every child: alive, pid, node.
+        table = subprocess.run([sys.executable, "-c", ACTOR_TABLE, report["address"]], env=env,
+                               capture_output=True, text=True, timeout=120, check=False)
+        assert table.returncode == 0, table.stderr[-2000:]
+        ray_view = json.loads(table.stdout.strip().splitlines()[-1])
+        ours = _statuses(tree)
+        assert set(ours) <= set(ray_view), (sorted(ours), sorted(ray_view))
+        for name, child in ours.items():
+            state, pid, node_id = ray_view[name]
+            assert child["status"] == "running" and state == "ALIVE", (name, child, state)
+            assert child["pid"] == pid and child["node_id"] == node_id, (name, child, pid)
         text = run("status", env=env)
         assert text.returncode == 0 and "ldn" in text.stdout and "london-1" in text.stdout
     finally:
