@@ -263,6 +263,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if verdict.passed else 1
 
 
+def cmd_chaos(args: argparse.Namespace) -> int:
+    """Faults against the running local deployment (``cluster.chaos.command``): 0 done, 1 a
+    fault failed or did not recover, 2 a bad scenario, 3 refused (not non-production)."""
+    from .chaos.command import run_command
+
+    return run_command(args, state_dir())
+
+
 def _venue_main(argv: list[str]) -> int:
     from actors.venue.process import main as venue_main
 
@@ -316,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("history", help="the run's history file (JSONL)")
     chk.add_argument("--json", action="store_true", help="print one JSON object")
     chk.set_defaults(func=cmd_check)
+    from .chaos.command import add_arguments as add_chaos_arguments
+
+    chaos = sub.add_parser("chaos", help="inject real faults: scenarios and one-shot commands "
+                                         "(deployments marked non-production only)")
+    add_chaos_arguments(chaos)
+    chaos.set_defaults(func=cmd_chaos)
     return parser
 
 

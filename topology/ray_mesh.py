@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from topology.agent import MeshAgent, Peer
+from topology.clock import MonotonicClock, SkewedClock
 from topology.config import MeshConfig
 from topology.priority import Priority, raise_priority
 
@@ -57,8 +58,10 @@ class MeshAgentActor:
 
             _, secret = generate_keypair(keys_dir, self.node_id, overwrite=True)
             curve = load_identity(secret)
+        # The node's clock as the agent and the roles it hosts read it; chaos skews it.
+        self.clock = SkewedClock(MonotonicClock())
         self.agent = MeshAgent(self.node_id, site, f"tcp://{host}:{port or '*'}", {}, cfg,
-                               voter_only=voter_only, curve=curve)
+                               voter_only=voter_only, curve=curve, clock=self.clock)
         self.public_key = curve.public.decode() if curve is not None else None
         self.keys_dir = keys_dir  # where a new node's agent makes its key pair too
         self.delivery: Counter[str] = Counter()
@@ -116,6 +119,23 @@ class MeshAgentActor:
 
     def clear_link_faults(self, peer: str | None = None) -> None:
         self.agent.clear_link_faults(peer)
+
+    def set_clock_offset(self, offset_s: float) -> float:
+        """Skew this node's clock (chaos, ``cluster.chaos``): from now on the agent and the site
+        roles it hosts read the monotonic clock plus ``offset_s`` (positive: ahead). A smaller
+        offset than the current one steps the clock back. Returns the previous offset."""
+        previous = self.clock.offset_s
+        self.clock.offset_s = SkewedClock(self.clock.base, offset_s).offset_s  # checks finite
+        log.warning("mesh %s: clock offset %+.3f s -> %+.3f s", self.node_id[:8], previous,
+                    self.clock.offset_s)
+        return previous
+
+    def clock_status(self) -> dict[str, float]:
+        """The skew and one reading of this node's clock next to the machine's monotonic
+        clock (``time.monotonic`` is one clock per machine, so a process on the same machine
+        can compare)."""
+        return {"offset_s": self.clock.offset_s, "now_s": self.clock.now_s(),
+                "monotonic_s": time.monotonic()}
 
     # -- reading ---------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
