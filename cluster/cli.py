@@ -330,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(deployments marked non-production only)")
     add_chaos_arguments(chaos)
     chaos.set_defaults(func=cmd_chaos)
+    from .scale_cli import register as register_scale
+
+    register_scale(sub)
     return parser
 
 
