@@ -2,7 +2,9 @@
 
     bastion up [--nodes head:tokyo,tokyo-1:tokyo,...] [--dashboard] [--auth token]
     bastion up --deployment [FILE]     # cluster + venue simulators + supervision trees
+                                       # (a file with `failover:` -> one Ray cluster per site)
     bastion status [--json]
+    bastion failover --venue VENUE --to SITE   # hand a shared venue over (multi-site)
     bastion down
     bastion demo
     bastion venue serve --name NAME --port PORT [--data FILE] [--seed S] [--keys FILE]
@@ -57,11 +59,23 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"bastion: a cluster is already up at {existing.address} (bastion down first)",
                   file=sys.stderr)
             return 1
+    from .sites_deploy import is_up
+
+    if is_up(wd):
+        print(f"bastion: a multi-site deployment is already up in {wd} (bastion down first)",
+              file=sys.stderr)
+        return 1
     if args.deployment:
         from . import deployment
         from .launcher import launch
 
-        dep = deployment.load(None if args.deployment == "default" else args.deployment)
+        try:
+            dep = deployment.load(None if args.deployment == "default" else args.deployment)
+        except deployment.DeploymentError as exc:
+            print(f"bastion: {exc}", file=sys.stderr)
+            return 2
+        if dep.failover is not None:
+            return _up_sites(dep, wd, include_dashboard=args.dashboard)
         cluster, venues, trees = launch(dep, wd, detached=True,
                                         include_dashboard=args.dashboard)
         print(f"cluster up: {len(cluster.nodes)} nodes, address {cluster.address}")
@@ -79,7 +93,33 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _up_sites(dep: Any, wd: Path, *, include_dashboard: bool) -> int:
+    from .sites_deploy import launch_sites
+
+    sites, venues, active = launch_sites(dep, wd, include_dashboard=include_dashboard,
+                                         say=lambda line: print(line, flush=True))
+    for name, site in sites.sites.items():
+        print(f"site {name} up: {len(site.cluster.nodes)} nodes, address {site.cluster.address}"
+              + (f", dashboard {site.cluster.dashboard_url}" if site.cluster.dashboard_url
+                 else ""))
+    if sites.witness is not None:
+        print(f"witness: pid {sites.witness.pid}, mesh {sites.witness.endpoint}")
+    for key, venue in venues.items():
+        print(f"venue {key}: {venue.ws_url} (HTTP {venue.http_url}, log {venue.log_path})")
+    for venue, site in active.items():
+        print(f"{venue}: {site} ACTIVE (the others stand by)")
+    print(f"state: {wd / sites.STATE_FILE} (bastion status / failover / down)")
+    return 0
+
+
 def cmd_down(args: argparse.Namespace) -> int:
+    from .sites_deploy import down_sites
+
+    if (state_dir() / "multisite.json").exists():
+        n_sites, n_venues = down_sites(state_dir())
+        print(f"sites down ({n_sites} site cluster(s), the witness and {n_venues} venue "
+              f"simulator(s) stopped)")
+        return 0
     try:
         cluster = LocalCluster.load(state_dir())
     except ClusterError as exc:
@@ -186,6 +226,16 @@ def _connect(cluster: LocalCluster | None) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if (state_dir() / "multisite.json").exists():
+        from .multisite import MultiSite
+        from .sites_deploy import collect_sites_status, render_sites_status
+
+        report = collect_sites_status(MultiSite.load(state_dir(), strict=False))
+        if args.json:
+            print(json.dumps(report, indent=2, default=str))
+        else:
+            render_sites_status(report)
+        return 0
     cluster = None
     try:
         cluster = LocalCluster.load(state_dir())
@@ -200,6 +250,25 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=2, default=str))
     else:
         render_status(status)
+    return 0
+
+
+def cmd_failover(args: argparse.Namespace) -> int:
+    """Hand a shared venue to a site (multi-site): 0 once it is active there, 1 if refused."""
+    from .multisite import MultiSite
+    from .sites_deploy import HandOverRefused, hand_over
+
+    try:
+        sites = MultiSite.load(state_dir())
+    except ClusterError as exc:
+        print(f"bastion: failover: {exc} (bastion up --deployment FILE with a failover "
+              f"section first)", file=sys.stderr)
+        return 1
+    try:
+        hand_over(sites, args.venue, args.to, timeout_s=args.timeout_s)
+    except HandOverRefused as exc:
+        print(f"bastion: failover refused: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -294,6 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="nodes and live supervision trees")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
+    fo = sub.add_parser("failover", help="hand a shared venue to another site (multi-site): "
+                                         "exit 0 once it is active there, 1 if refused")
+    fo.add_argument("--venue", required=True)
+    fo.add_argument("--to", required=True, help="the site to make active")
+    fo.add_argument("--timeout-s", type=float, default=30.0,
+                    help="wait this long for the target to be active (default %(default)s)")
+    fo.set_defaults(func=cmd_failover)
     demo = sub.add_parser("demo", help="the end-to-end demo on a local cluster")
     demo.add_argument("--quick", action="store_true")
     demo.set_defaults(func=cmd_demo)

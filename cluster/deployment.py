@@ -20,10 +20,17 @@ because a connector reconciles with its venue on every start before it takes an 
 connect time (``actors.connector.OptionSelector``); option names depend on the date, so with
 options the site's venues must list a chain (``options: true``) and its first book must take
 any instrument (``instruments: null``).
+
+``failover`` (optional, :class:`FailoverSpec`): a geographically redundant deployment
+(``cluster.sites_deploy``): each site its own Ray cluster, one lease per *shared* venue (one
+simulator every site reaches), the site holding it trades there; each site's connector to a
+shared venue is role-gated and imports the replicated journal of the site it replaces.
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
 
@@ -171,12 +178,65 @@ class SiteSpec(_Frozen):
         return self
 
 
+class FailoverSpec(_Frozen):
+    """Which venues the sites share and how the lease on each is run.
+
+    ``venues``: the shared venues (one simulator each; every site declares each of them, the
+    same way). ``preferred``: venue -> the site active when all is well (default: the first
+    site). ``witness``: a third voter, so that two sites break ties. ``mesh``: the
+    ``topology.config.MeshConfig`` preset. ``lease``: ``topology.lease.LeaseConfig`` fields
+    over the preset named by ``lease.preset`` (default: the mesh's). ``nodes_per_site``: worker
+    nodes per site (each site also has a head)."""
+
+    venues: tuple[str, ...] = Field(min_length=1)
+    preferred: dict[str, str] = Field(default_factory=dict)
+    witness: bool = True
+    mesh: Literal["local", "lan", "wan"] = "local"
+    lease: dict[str, Any] = Field(default_factory=dict)
+    nodes_per_site: int = Field(default=1, ge=1, le=8)
+
+    @field_validator("venues")
+    @classmethod
+    def _distinct(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        dupes = sorted({n for n in v if v.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate venues {dupes}")
+        return v
+
+    @model_validator(mode="after")
+    def _lease_valid(self) -> FailoverSpec:
+        self.lease_fields()
+        return self
+
+    def lease_fields(self) -> dict[str, float]:
+        """The full lease config (every field), for ``MultiSite.start(lease=...)``."""
+        from topology.lease import LEASE_PRESETS, LeaseConfig
+
+        overrides = dict(self.lease)
+        preset = overrides.pop("preset", self.mesh)
+        if preset not in LEASE_PRESETS:
+            raise ValueError(f"lease.preset = {preset!r}: unknown (known: "
+                             f"{sorted(LEASE_PRESETS)})")
+        try:
+            return LeaseConfig.preset(preset, **overrides).model_dump()
+        except ValidationError as exc:
+            raise ValueError("; ".join(
+                f"{'.'.join(['lease', *(str(p) for p in e['loc'])])}: "
+                f"{e['msg'].removeprefix('Value error, ')}"
+                for e in exc.errors())) from None
+        except TypeError as exc:
+            raise ValueError(f"lease = {self.lease!r}: {exc}") from None
+
+
 class Deployment(_Frozen):
     name: str = "bastion"
     environment: Literal["production", "non-production"] = "non-production"
     namespace: str = "bastion"
+    #: with ``failover``: each site's own store, ``{site}`` in the URL (default: SQLite under
+    #: the work dir, ``site-<name>/journal``)
     store_url: str | None = None
     sites: tuple[SiteSpec, ...] = Field(min_length=1)
+    failover: FailoverSpec | None = None
 
     @field_validator("sites")
     @classmethod
@@ -186,6 +246,56 @@ class Deployment(_Frozen):
         if dupes:
             raise ValueError(f"duplicate site names {dupes}")
         return v
+
+    @model_validator(mode="after")
+    def _failover_fits(self) -> Deployment:
+        f = self.failover
+        if f is None:
+            return self
+        names = [s.name for s in self.sites]
+        if len(names) < 2:
+            raise ValueError(f"failover: needs at least two sites, got {names}")
+        for i, site in enumerate(self.sites):
+            if not re.fullmatch(r"[a-z0-9]+", site.name):
+                raise ValueError(f"sites.{i}.name = {site.name!r}: a failover site's name must "
+                                 f"be [a-z0-9]+ (order labels carry it: e<epoch>.site-<name>-)")
+        for venue in f.venues:
+            specs = {}
+            for i, site in enumerate(self.sites):
+                spec = next((v for v in site.venues if v.name == venue), None)
+                if spec is None:
+                    raise ValueError(
+                        f"failover.venues: {venue!r} is not declared in sites.{i}.venues (site "
+                        f"{site.name!r}); every site trades each shared venue")
+                specs[i] = spec
+            first = specs[0]
+            for i, spec in specs.items():
+                differ = sorted(k for k in type(spec).model_fields
+                                if getattr(spec, k) != getattr(first, k))
+                if differ:
+                    raise ValueError(
+                        f"failover.venues: {venue!r} differs between sites.0 and sites.{i} in "
+                        f"{differ}: a shared venue is one simulator, declared the same in every "
+                        f"site")
+        for venue, site in f.preferred.items():
+            if venue not in f.venues:
+                raise ValueError(f"failover.preferred: {venue!r} is not a shared venue "
+                                 f"(failover.venues: {list(f.venues)})")
+            if site not in names:
+                raise ValueError(f"failover.preferred.{venue}: site {site!r} does not exist "
+                                 f"(sites: {names})")
+        if self.store_url is not None and "{site}" not in self.store_url:
+            raise ValueError(f"store_url = {self.store_url!r}: with failover every site needs "
+                             f"its own journal store; put '{{site}}' in the URL")
+        return self
+
+    def preferred_sites(self) -> dict[str, str]:
+        """Shared venue -> its preferred site (the first site unless ``failover.preferred``
+        says otherwise)."""
+        f = self.failover
+        if f is None:
+            return {}
+        return {v: f.preferred.get(v, self.sites[0].name) for v in f.venues}
 
 
 def load(path: str | Path | None = None) -> Deployment:
@@ -206,9 +316,13 @@ def parse(raw: Any, source: str = "<deployment>") -> Deployment:
     try:
         return Deployment.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']} (got {err.get('input')!r})"
-            for err in exc.errors())
+        def one(err: Any) -> str:
+            msg = err["msg"].removeprefix("Value error, ")
+            if not err["loc"]:  # a check across fields: the message names them
+                return msg
+            return f"{'.'.join(str(p) for p in err['loc'])}: {msg} (got {err.get('input')!r})"
+
+        problems = "; ".join(one(err) for err in exc.errors())
         raise DeploymentError(f"{source}: {problems}") from None
 
 
@@ -219,8 +333,10 @@ def http_url_of(ws_url: str) -> str:
 
 
 def venue_subtree(site: SiteSpec, venue: VenueSpec, ws_url: str, http_url: str,
-                  subscribers: list[str]) -> Any:
-    """One venue's ``rest_for_one`` subtree: its handle, then its connector."""
+                  subscribers: list[str], *, gated: bool = False) -> Any:
+    """One venue's ``rest_for_one`` subtree: its handle, then its connector. ``gated``: a
+    shared venue under failover: the connector orders only while its site holds the venue's
+    lease and imports the replicated journal (``replica/<venue>/<venue>``) on promotion."""
     from supervisors import ChildSpec, Placement, SupervisorSpec
     from supervisors.spec import Backoff
 
@@ -231,6 +347,8 @@ def venue_subtree(site: SiteSpec, venue: VenueSpec, ws_url: str, http_url: str,
                  "instruments": list(venue.instruments), "subscribers": subscribers}
     if options is not None:
         connector["options"] = options.selector()
+    if gated:
+        connector.update(role_gated=True, replica=f"replica/{venue.name}/{venue.name}")
     return SupervisorSpec(id=venue.name, strategy="rest_for_one", intensity=20, period_s=30,
                           children=[
         ChildSpec(id="handle", cls="actors.venue_handle:VenueHandle",
@@ -241,9 +359,11 @@ def venue_subtree(site: SiteSpec, venue: VenueSpec, ws_url: str, http_url: str,
 
 
 def site_tree(site: SiteSpec, venue_urls: dict[str, str], *,
-              http_urls: dict[str, str] | None = None, subscribers_ns: str = "") -> Any:
+              http_urls: dict[str, str] | None = None, subscribers_ns: str = "",
+              gated: Collection[str] = ()) -> Any:
     """The supervision tree of one site, given the simulators' WebSocket URLs by venue name
-    (and their HTTP URLs; by default derived from the WebSocket ones)."""
+    (and their HTTP URLs; by default derived from the WebSocket ones). ``gated``: the shared
+    venues of a failover deployment (see :func:`venue_subtree`)."""
     from supervisors import ChildSpec, Placement, SupervisorSpec
     from supervisors.spec import Backoff
 
@@ -258,7 +378,8 @@ def site_tree(site: SiteSpec, venue_urls: dict[str, str], *,
     fast = Backoff(initial_s=0.05, max_s=2.0)
     http = http_urls or {}
     venues = [venue_subtree(site, v, venue_urls[v.name],
-                            http.get(v.name) or http_url_of(venue_urls[v.name]), subscribers)
+                            http.get(v.name) or http_url_of(venue_urls[v.name]), subscribers,
+                            gated=v.name in gated)
               for v in site.venues]
     books = [ChildSpec(id=b.name, cls="actors.risk_book:RiskBook",
                        kwargs={"book_id": b.name, "limits": dict(b.limits),

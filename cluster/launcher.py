@@ -8,18 +8,15 @@ log to the cluster's work dir, and are recorded in ``venues.json`` for ``bastion
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
+from collections.abc import Collection, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from .deployment import Deployment, site_tree
-from .local import LocalCluster, NodeConfig
+from .deployment import Deployment, SiteSpec, site_tree
+from .local import LocalCluster, NodeConfig, stop_process
 
 
 class LaunchError(RuntimeError):
@@ -46,28 +43,38 @@ def cluster_nodes(dep: Deployment, workers_per_site: int = 2) -> list[NodeConfig
     return nodes
 
 
+#: ``VenueInfo.site`` of a venue every site shares (``failover.venues``), keyed by its name
+SHARED = "*"
+
+
 def start_venues(dep: Deployment, work_dir: Path, *, detached: bool,
                  start_timeout_s: float = 60.0) -> dict[str, VenueInfo]:
-    """Start every venue simulator; returns them by ``site/venue``. Keys come from the spec."""
+    """Start every venue simulator; returns them by ``site/venue``, and a shared venue
+    (``failover.venues``) once, by its name. Keys come from the spec."""
     from actors.venue.process import VenueProcess
 
     work_dir.mkdir(parents=True, exist_ok=True)
+    shared = set(dep.failover.venues) if dep.failover is not None else set()
     started: dict[str, VenueInfo] = {}
     procs: list[VenueProcess] = []
     try:
         for site in dep.sites:
             for venue in site.venues:
-                log_path = work_dir / f"venue-{site.name}-{venue.name}.log"
+                owner = SHARED if venue.name in shared else site.name
+                key = venue.name if owner == SHARED else f"{site.name}/{venue.name}"
+                if key in started:
+                    continue
+                name = venue.name if owner == SHARED else f"{site.name}-{venue.name}"
+                log_path = work_dir / f"venue-{name}.log"
                 proc = VenueProcess.start(
-                    f"{site.name}-{venue.name}", port=venue.port, data=venue.data,
+                    name, port=venue.port, data=venue.data,
                     seed=venue.seed, keys={venue.client_id: venue.client_secret},
                     speedup=venue.speedup, synthetic=venue.synthetic, options=venue.options,
                     start_timeout_s=start_timeout_s,
                     log_path=log_path if detached else None)
                 procs.append(proc)
-                started[f"{site.name}/{venue.name}"] = VenueInfo(
-                    site.name, venue.name, proc.ws_url, proc.http_url, proc.pid,
-                    str(log_path) if detached else "")
+                started[key] = VenueInfo(owner, venue.name, proc.ws_url, proc.http_url,
+                                         proc.pid, str(log_path) if detached else "")
     except BaseException:
         for proc in procs:
             proc.stop()
@@ -77,17 +84,6 @@ def start_venues(dep: Deployment, work_dir: Path, *, detached: bool,
     return started
 
 
-def _stop_pid(pid: int, grace_s: float = 10.0) -> None:
-    with contextlib.suppress(psutil.NoSuchProcess):
-        proc = psutil.Process(pid)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace_s)
-        except psutil.TimeoutExpired:
-            proc.kill()
-            proc.wait(grace_s)
-
-
 def stop_venues(work_dir: Path) -> int:
     """Stop the venues recorded in ``work_dir/venues.json``; returns how many were stopped."""
     path = work_dir / "venues.json"
@@ -95,24 +91,32 @@ def stop_venues(work_dir: Path) -> int:
         return 0
     venues = json.loads(path.read_text())
     for info in venues.values():
-        _stop_pid(info["pid"])
+        stop_process(info["pid"], cmdline_has="actors.venue.process")
     path.unlink()
     return len(venues)
+
+
+def site_venues(site: SiteSpec, venues: Mapping[str, VenueInfo]) -> dict[str, VenueInfo]:
+    """The simulators ``site`` trades on, by venue name (its own, and the shared ones)."""
+    return {v.name: venues.get(f"{site.name}/{v.name}") or venues[v.name] for v in site.venues}
+
+
+def start_site_tree(dep: Deployment, site: SiteSpec, venues: Mapping[str, VenueInfo], *,
+                    store_url: str | None, gated: Collection[str] = ()) -> Any:
+    """``site``'s supervision tree in the deployment's namespace (after ``ray.init``)."""
+    from supervisors import start_tree
+
+    infos = site_venues(site, venues)
+    tree = site_tree(site, {k: i.ws_url for k, i in infos.items()},
+                     http_urls={k: i.http_url for k, i in infos.items()}, gated=gated)
+    return start_tree(tree, namespace=dep.namespace, store_url=store_url)
 
 
 def start_trees(dep: Deployment, venues: dict[str, VenueInfo], *,
                 store_url: str | None = None) -> list[Any]:
     """One supervision tree per site, in the deployment's namespace."""
-    from supervisors import start_tree
-
-    trees = []
-    for site in dep.sites:
-        infos = {v.name: venues[f"{site.name}/{v.name}"] for v in site.venues}
-        tree = site_tree(site, {k: i.ws_url for k, i in infos.items()},
-                         http_urls={k: i.http_url for k, i in infos.items()})
-        trees.append(start_tree(tree, namespace=dep.namespace,
-                                store_url=store_url or dep.store_url))
-    return trees
+    return [start_site_tree(dep, site, venues, store_url=store_url or dep.store_url)
+            for site in dep.sites]
 
 
 def launch(dep: Deployment, work_dir: Path, *, detached: bool, include_dashboard: bool = True,

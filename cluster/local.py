@@ -118,11 +118,52 @@ def _ray_executable() -> str:
     return found
 
 
+def _exited(proc: psutil.Process) -> bool:
+    """Gone, or a zombie: it has exited and only its reaper has not collected it yet (for a
+    detached process whose starter is gone, that is init, which may take its time)."""
+    try:
+        if proc.status() != psutil.STATUS_ZOMBIE:
+            return False
+    except psutil.NoSuchProcess:
+        return True
+    with contextlib.suppress(psutil.Error, ChildProcessError):
+        proc.wait(0)  # reap it if it is our own child
+    return True
+
+
+def wait_exited(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Wait until every one of ``procs`` has exited (gone or a zombie); returns those still
+    running after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    alive = [p for p in procs if not _exited(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = [p for p in alive if not _exited(p)]
+    return alive
+
+
+def stop_process(pid: int, grace_s: float = 10.0, *, cmdline_has: str | None = None) -> bool:
+    """SIGTERM ``pid``, SIGKILL it if it still runs after ``grace_s``; returns whether it was
+    running. ``cmdline_has``: only if its command line contains this (a pid from a state file
+    may have been reused by another program)."""
+    try:
+        proc = psutil.Process(pid)
+        if _exited(proc) or (cmdline_has is not None
+                             and cmdline_has not in " ".join(proc.cmdline())):
+            return False
+        proc.send_signal(signal.SIGTERM)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    if wait_exited([proc], grace_s):
+        _sigkill_all([proc])
+    return True
+
+
 def _sigkill_all(procs: list[psutil.Process]) -> None:
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
             proc.send_signal(signal.SIGKILL)
-    psutil.wait_procs(procs, timeout=10.0)
+    wait_exited(procs, timeout_s=10.0)
 
 
 class LocalCluster:
@@ -229,8 +270,7 @@ class LocalCluster:
         for node in self.nodes.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(node.pid, signal.SIGTERM)
-        _, alive = psutil.wait_procs(procs, timeout=5.0)
-        _sigkill_all(alive)
+        _sigkill_all(wait_exited(procs, timeout_s=5.0))
         # Anything Ray re-parented away from the tree is still tagged with our temp dir.
         _sigkill_all(self._stray_processes())
         self.nodes.clear()

@@ -30,6 +30,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,15 +46,20 @@ READY_TIMEOUT_S = 30.0
 
 @dataclass
 class WitnessProcess:
-    """The witness: ``python -m topology.witness`` with a loopback control socket."""
+    """The witness: ``python -m topology.witness`` with a loopback control socket. ``popen``
+    is None for a witness found through a state file (:meth:`MultiSite.load`)."""
 
-    popen: subprocess.Popen[str]
+    pid: int
     endpoint: str
     control: str
     public_key: str
+    popen: subprocess.Popen[str] | None = None
 
     @classmethod
-    def start(cls, work_dir: Path, mesh_preset: str, lease: Mapping[str, Any]) -> WitnessProcess:
+    def start(cls, work_dir: Path, mesh_preset: str, lease: Mapping[str, Any], *,
+              detached: bool = False) -> WitnessProcess:
+        """Start it and wait for its ready line. ``detached``: its own session, its output to
+        ``witness.out`` in ``work_dir``, and it outlives this process (``bastion up``)."""
         from topology.keys import generate_keypair, load_public_key
 
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -65,23 +71,33 @@ class WitnessProcess:
                       "overrides": dict(lease)}}
         path = work_dir / "witness.json"
         path.write_text(json.dumps(config))
-        log = open(work_dir / "witness.log", "w")  # noqa: SIM115 - owned by the process
-        popen = subprocess.Popen([sys.executable, "-u", "-m", "topology.witness", "--config",
-                                  str(path)], stdout=subprocess.PIPE, stderr=log, text=True,
-                                 stdin=subprocess.DEVNULL)
+        out_path = work_dir / "witness.out"
+        argv = [sys.executable, "-u", "-m", "topology.witness", "--config", str(path)]
+        with open(work_dir / "witness.log", "w") as log, \
+                (open(out_path, "w") if detached else contextlib.nullcontext()) as out:
+            popen = subprocess.Popen(argv, stdout=out if detached else subprocess.PIPE,
+                                     stderr=log, text=True, stdin=subprocess.DEVNULL,
+                                     start_new_session=detached)
         deadline = time.monotonic() + READY_TIMEOUT_S
-        assert popen.stdout is not None
         line = ""
         while time.monotonic() < deadline and popen.poll() is None:
-            line = popen.stdout.readline().strip()
+            if detached:
+                line = next((x for x in out_path.read_text().splitlines()
+                             if x.startswith("MESH_READY ")), "")
+                if not line:
+                    time.sleep(0.05)
+            else:
+                assert popen.stdout is not None
+                line = popen.stdout.readline().strip()
             if line.startswith("MESH_READY "):
                 break
         if not line.startswith("MESH_READY "):
             popen.kill()
+            popen.wait(5)
             raise RuntimeError(f"witness did not start (see {work_dir / 'witness.log'})")
         fields = dict(part.split("=", 1) for part in line.split()[1:])
-        return cls(popen, fields["endpoint"], fields["control"],
-                   load_public_key(public).decode())
+        return cls(popen.pid, fields["endpoint"], fields["control"],
+                   load_public_key(public).decode(), popen)
 
     def call(self, op: str, **args: Any) -> Any:
         from topology.agent_process import ControlClient
@@ -92,14 +108,19 @@ class WitnessProcess:
         finally:
             client.close()
 
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(5)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(5)
+    def stop(self, grace_s: float = 5.0) -> None:
+        if self.popen is not None:
+            if self.popen.poll() is None:
+                self.popen.terminate()
+                try:
+                    self.popen.wait(grace_s)
+                except subprocess.TimeoutExpired:
+                    self.popen.kill()
+                    self.popen.wait(grace_s)
+            return
+        from cluster.local import stop_process
+
+        stop_process(self.pid, grace_s, cmdline_has="topology.witness")
 
 
 @dataclass
@@ -125,14 +146,18 @@ class MultiSite:
         self._resources: list[str] = []
         self._preferred: dict[str, str] = {}
         self._restore: str | None = None  # the driver's own Ray cluster, re-joined at shutdown
+        #: the caller's own state, saved with :meth:`save` (e.g. the deployment's)
+        self.extra: dict[str, Any] = {}
 
     # -- start ---------------------------------------------------------------------------
     @classmethod
     def start(cls, workers: Mapping[str, int], work_dir: Path, *, resources: Sequence[str],
               preferred: Mapping[str, str], mesh_preset: str = "local",
               lease: Mapping[str, Any] | None = None, witness: bool = True,
-              include_dashboard: bool = False) -> MultiSite:
-        """Clusters, mesh, witness and roles, in that order; on failure all is stopped."""
+              include_dashboard: bool = False, detached: bool = False) -> MultiSite:
+        """Clusters, mesh, witness and roles, in that order; on failure all is stopped.
+        ``detached``: the witness outlives this process too (the clusters always do); then
+        :meth:`save` the state so that another process can :meth:`load` it."""
         from topology.config import MeshConfig
         from topology.lease import LeaseConfig
 
@@ -147,7 +172,7 @@ class MultiSite:
         try:
             if witness:
                 out.witness = WitnessProcess.start(work_dir / "witness", mesh_preset,
-                                                   lease_fields)
+                                                   lease_fields, detached=detached)
             for name, n in workers.items():
                 nodes = [NodeConfig("head", site=name, zone="a", num_cpus=0)] + [
                     NodeConfig(f"{name}-{i}", site=name, zone="abc"[(i - 1) % 3], num_cpus=4)
@@ -229,6 +254,72 @@ class MultiSite:
         with self.use(site):
             return ray.get(self.controller(site).replication_status.remote(), timeout=10)
 
+    # -- persistence: found again from another process -----------------------------------
+    STATE_FILE = "multisite.json"
+
+    def save(self, extra: Mapping[str, Any] | None = None) -> Path:
+        """Write ``multisite.json`` in the work dir: per site its Ray address, cluster dir,
+        controller node id and agents; the witness (pid, endpoints, key); the roles' inputs;
+        ``extra`` (the caller's own, e.g. the deployment's), read back as :attr:`extra`."""
+        state = {
+            "version": 1,
+            "sites": {name: {"address": s.cluster.address, "cluster_dir": str(s.cluster.work_dir),
+                             "controller": s.controller,
+                             "agents": {nid: list(ep) for nid, ep in s.agents.items()}}
+                      for name, s in self.sites.items()},
+            "witness": None if self.witness is None else {
+                "pid": self.witness.pid, "endpoint": self.witness.endpoint,
+                "control": self.witness.control, "public_key": self.witness.public_key},
+            "voters": self._voters, "lease": self._lease_fields,
+            "resources": self._resources, "preferred": self._preferred,
+            "extra": dict(extra or self.extra),
+        }
+        path = self.work_dir / self.STATE_FILE
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, work_dir: Path, *, strict: bool = True) -> MultiSite:
+        """The deployment :meth:`save` recorded in ``work_dir``. ``strict=False`` (for a
+        teardown): a site whose cluster is no longer recorded is left out, not an error.
+
+        Raises:
+            ClusterError: no state file, or (strict) a site's cluster is not recorded.
+        """
+        from cluster.local import ClusterError
+
+        path = Path(work_dir) / cls.STATE_FILE
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ClusterError(f"no multi-site deployment recorded in {path}") from None
+        w = state.get("witness")
+        witness = None if w is None else WitnessProcess(w["pid"], w["endpoint"], w["control"],
+                                                        w["public_key"])
+        out = cls({}, witness, Path(work_dir))
+        for name, s in state["sites"].items():
+            try:
+                cluster = LocalCluster.load(s["cluster_dir"])
+            except ClusterError:
+                if strict:
+                    raise
+                continue
+            agents = {nid: (ep[0], ep[1], ep[2]) for nid, ep in s["agents"].items()}
+            out.sites[name] = Site(name, cluster, agents, s["controller"])
+        out._voters = list(state["voters"])
+        out._lease_fields = dict(state["lease"])
+        out._resources = list(state["resources"])
+        out._preferred = dict(state["preferred"])
+        out.extra = dict(state.get("extra") or {})
+        return out
+
+    def forget(self) -> None:
+        """Remove the state file (after :meth:`shutdown`)."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.work_dir / self.STATE_FILE).unlink()
+
     # -- the driver's connection ---------------------------------------------------------
     @contextlib.contextmanager
     def use(self, site: str) -> Iterator[Site]:
@@ -307,8 +398,13 @@ class MultiSite:
         if ray.is_initialized():
             ray.shutdown()
         self._current = None
-        for site in self.sites.values():
-            site.cluster.shutdown()
+        # all sites at once: each waits out its nodes' grace before it kills what is left
+        threads = [threading.Thread(target=site.cluster.shutdown, name=f"down-{name}")
+                   for name, site in self.sites.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
         if self.witness is not None:
             self.witness.stop()
         if self._restore is not None:  # hand the driver back its own cluster
