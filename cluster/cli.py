@@ -273,9 +273,31 @@ def cmd_failover(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import main as demo_main
+    if args.single_site:
+        from .demo import main as demo_main
 
-    return demo_main(quick=args.quick)
+        return demo_main(quick=args.quick)
+    from .demo_sites import main as sites_demo
+
+    return sites_demo(quick=args.quick)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The resilience report of a run history: 0 when the checker passes, 1 on a violation,
+    2 when the history cannot be read."""
+    from .report import build_report, print_summary
+
+    out = Path(args.out) if args.out else Path(args.history).resolve().parent
+    try:
+        report = build_report(args.history, out)
+    except OSError as exc:
+        print(f"bastion: cannot read {args.history}: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report.to_dict(), default=str))
+    else:
+        print_summary(report)
+    return 0 if report.verdict.passed else 1
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -370,9 +392,18 @@ def build_parser() -> argparse.ArgumentParser:
     fo.add_argument("--timeout-s", type=float, default=30.0,
                     help="wait this long for the target to be active (default %(default)s)")
     fo.set_defaults(func=cmd_failover)
-    demo = sub.add_parser("demo", help="the end-to-end demo on a local cluster")
-    demo.add_argument("--quick", action="store_true")
+    demo = sub.add_parser("demo", help="two sites through a mix of real faults, then the "
+                                       "resilience report")
+    demo.add_argument("--quick", action="store_true", help="only the first two faults")
+    demo.add_argument("--single-site", action="store_true",
+                      help="the one-cluster demo (connector, risk book and node killed)")
     demo.set_defaults(func=cmd_demo)
+    rep = sub.add_parser("report", help="the resilience report of a run history (PNG, HTML, "
+                                        "the detection/recovery table, the checker's verdict)")
+    rep.add_argument("history")
+    rep.add_argument("--out", default=None, help="directory (default: the history's)")
+    rep.add_argument("--json", action="store_true")
+    rep.set_defaults(func=cmd_report)
     venue = sub.add_parser("venue", help="venue simulator (Deribit API v2)")
     venue_sub = venue.add_subparsers(dest="venue_command", required=True)
     serve = venue_sub.add_parser("serve", help="run one simulator and print its URLs",

@@ -54,3 +54,14 @@ def test_report_when_a_fault_never_recovers_then_counted_and_verdict_fails(
     row = next(r for r in report.rows if r.kind == "cut_off_site")
     assert row.unrecovered == 1 and row.recovery_s == []
     assert not report.verdict.passed and "recovery" in report.verdict.failed
+
+
+def test_cli_report_when_history_given_then_files_written_and_exit_says_the_verdict(
+        tmp_path: Path, capsys) -> None:
+    from cluster.cli import main
+
+    assert main(["report", str(_history(tmp_path / "ok.jsonl")), "--out",
+                 str(tmp_path / "r1"), "--json"]) == 1  # the late recovery
+    out = capsys.readouterr().out
+    assert '"passed": false' in out and (tmp_path / "r1" / "report.html").exists()
+    assert main(["report", str(tmp_path / "missing.jsonl")]) == 2
