@@ -211,8 +211,12 @@ def _journal_event(e: Any, seq: int, venue: str, account: str, site: str | None,
     if not isinstance(e, dict):
         return
     kind = e.get("t")
+    label = str(e.get("label") or "")
+    if kind in ("intent", "ack") and site and label_site(label) not in (None, site):
+        # another site's order, imported from the replicated journal on promotion
+        # (actors.connector_replica): that site sent it; its own stream has the intent
+        return
     if kind == "intent":
-        label = str(e.get("label") or "")
         out.append({"t": "order_sent", "ts": ts, "venue": venue, "account": account,
                     "label": label, "site": site or label_site(label),
                     "epoch": label_epoch(label), "seq": seq,

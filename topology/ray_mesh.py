@@ -36,6 +36,7 @@ ACTOR_PREFIX = "mesh/"
 CALL_TIMEOUT_S = 10.0
 DELIVERY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 3.0
+ROLE_LOG_KEPT = 2000  # role events a controller keeps (renewals come every ~0.3 s)
 
 
 class MeshAgentActor:
@@ -68,6 +69,7 @@ class MeshAgentActor:
         self._subscribers: list[tuple[str, str, str]] = []
         self.roles: Any = None
         self.role_log: list[dict[str, Any]] = []
+        self._role_seq = 0
         self._role_subs: dict[str, list[tuple[str, str]]] = {}
         self._shippers: dict[str, Any] = {}  # resource -> topology.journal_ship.JournalShipper
         self.agent.subscribe(self._deliver)
@@ -209,14 +211,21 @@ class MeshAgentActor:
                                  "site": self.site}
         if until_s is not None:
             event["valid_for_s"] = until_s - self.roles.clock.now_s()
+        self._role_seq += 1
+        event["seq"] = self._role_seq
         self.role_log.append(event)
-        del self.role_log[:-200]
+        del self.role_log[:-ROLE_LOG_KEPT]
         for name, namespace in self._role_subs.get(resource, []):
             try:
                 ray.get_actor(name, namespace=namespace).on_role_event.remote(event)
                 self.delivery[f"role_{kind}_sent"] += 1
             except Exception:  # noqa: BLE001 - not there (restarting): the next renewal
                 self.delivery["role_undeliverable"] += 1
+
+    def role_events_since(self, seq: int = 0) -> list[dict[str, Any]]:
+        """The role events (activate / renew / deactivate) numbered above ``seq`` (the last
+        ``ROLE_LOG_KEPT`` are kept): a watcher that polls loses none."""
+        return [e for e in self.role_log if e["seq"] > seq]
 
     def roles_status(self) -> dict[str, Any]:
         return {**self.roles.status(), "events": self.role_log[-20:]}
