@@ -242,12 +242,12 @@ def print_summary(report: Report) -> None:
     table = Table(title="Detection and recovery (s from the fault)")
     for col in ("fault", "n", "detect p50", "p99", "max", "recover p50", "p99", "max",
                 "in bound"):
-        table.add_column(col, justify="right" if col != "fault" else "left")
+        table.add_column(col, justify="right" if col != "fault" else "left", no_wrap=True)
     for d in (r.to_dict() for r in report.rows):
         table.add_row(d["kind"], str(d["count"]), *(_fmt(d[k]) for k in (
             "detection_p50_s", "detection_p99_s", "detection_max_s", "recovery_p50_s",
             "recovery_p99_s", "recovery_max_s")), f"{d['within_bound']}/{d['count']}")
-    console = Console()
+    console = Console(width=max(110, Console().width))  # a pipe reports 80 columns
     console.print(table)
     verdict = report.verdict
     console.print(f"checker: [{'green' if verdict.passed else 'red'}]"

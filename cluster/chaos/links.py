@@ -182,12 +182,20 @@ class MultiSiteLinks(_AgentLinks):
             self._by_member[WITNESS_ID] = (WITNESS_ID, WITNESS_ID)
 
     def _agents(self) -> dict[str, tuple[str, str | None]]:
-        return dict(self._by_member)
+        """The agents on nodes still running: a crashed node's agent is gone with it (a
+        partition after a node kill must not look it up)."""
+        alive = {f"{name}/{n.config.name}" for name, site in self.sites.sites.items()
+                 for n in site.cluster.nodes.values() if n.alive()}
+        return {m: v for m, v in self._by_member.items()
+                if v[1] not in self.sites.sites or m in alive}
 
     def _set(self, changes: list[tuple[str, str, float, float]]) -> None:
         import ray
 
         from cluster.multisite import MESH_NAMESPACE, WITNESS_ID
+
+        agents = self._agents()
+        changes = [c for c in changes if c[0] in agents and c[1] in agents]
 
         by_site: dict[str, list[tuple[str, str, float, float]]] = {}
         for member, peer, drop_in, delay_s in changes:
