@@ -99,13 +99,15 @@ def history_from_observations(obs: list[dict[str, Any]], faults: list[dict[str, 
     events: list[dict[str, Any]] = []
     role_log = [dict(o["event"], site=o["site"]) for o in obs if o["obs"] == "role_log"]
     events += collect_role_log(role_log)
-    last: dict[str, dict[str, Any]] = {}
+    last: dict[str, dict[str, Any]] = {}  # path -> its last observation while running
     for o in obs:
         if o["obs"] == "child":
+            if o["status"] != "running":
+                continue
             before = last.get(o["path"])
             last[o["path"]] = o
             if before and o["incarnation"] and before["incarnation"] and \
-                    o["incarnation"] > before["incarnation"] and o["status"] == "running":
+                    o["incarnation"] > before["incarnation"]:
                 events.append({"t": "restart", "ts": o["ts"], "child": o["path"],
                                "node": node_names.get(o["node"] or "", o["node"])})
                 if before["node"] and o["node"] and before["node"] != o["node"]:
