@@ -61,8 +61,9 @@ def cmd_up(args: argparse.Namespace) -> int:
             return 1
     from .sites_deploy import is_up
 
-    if is_up(wd):
-        print(f"bastion: a multi-site deployment is already up in {wd} (bastion down first)",
+    if (wd / "multisite.json").exists():  # up, or partly gone: down cleans up either way
+        state = "is already up" if is_up(wd) else "is recorded (not running)"
+        print(f"bastion: a multi-site deployment {state} in {wd} (bastion down first)",
               file=sys.stderr)
         return 1
     if args.deployment:

@@ -142,10 +142,11 @@ def test_two_sites_when_up_then_failover_hands_the_venue_over_with_no_overlap_an
     try:
         up = run("up", "--deployment", str(TWO_SITES), "--no-dashboard", env=env,
                  timeout_s=420)
-        print(up.stdout)  # the steps with their times
         assert up.returncode == 0, up.stdout + up.stderr[-3000:]
         assert "deribit: tokyo ACTIVE" in up.stdout, up.stdout
         pids, temp_dirs = recorded(work_dir)  # `up` has exited; all this outlives it
+        again = run("up", "--deployment", str(TWO_SITES), env=env)
+        assert again.returncode == 1 and "already up" in again.stderr, again
 
         status = run("status", "--json", env=env)
         assert status.returncode == 0, status.stderr[-3000:]
