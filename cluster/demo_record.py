@@ -79,11 +79,12 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for c in _children(tree.describe(timeout_s=5)):
                     state = (c.get("status"), c.get("pid"), c.get("node_id"),
-                             c.get("incarnation"))
+                             c.get("incarnation"), c.get("exited_at"))
                     if seen_children.get(c["actor_name"]) != state:
                         seen_children[c["actor_name"]] = state
                         write(obs="child", ts=now, path=c["actor_name"], status=state[0],
-                              pid=state[1], node=state[2], incarnation=state[3])
+                              pid=state[1], node=state[2], incarnation=state[3],
+                              exited_at=state[4])
             except Exception as exc:  # noqa: BLE001 - a supervisor restarting
                 write(obs="error", ts=now, what="tree", error=repr(exc)[:200])
             if now >= next_pnl:

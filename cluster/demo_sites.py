@@ -129,9 +129,13 @@ def _detections(obs: list[dict[str, Any]], faults: list[dict[str, Any]],
         kind, target, t0 = f["kind"], str(f["target"]), f["ts"]
         hit = None
         if kind in ("kill-actor", "kill-supervisor", "pause"):
-            hit = next((("supervisor", o["ts"]) for o in obs if o["obs"] == "child" and
-                        o["ts"] >= t0 and o["path"] == target and o["status"] != "running"),
-                       None)
+            # the supervisor's own record of when it learned of the death, else the first
+            # observation of the child down
+            hit = next((("supervisor", o["exited_at"]) for o in obs if o["obs"] == "child"
+                        and o["path"] == target and (o.get("exited_at") or 0) >= t0), None) \
+                or next((("supervisor", o["ts"]) for o in obs if o["obs"] == "child" and
+                         o["ts"] >= t0 and o["path"] == target and o["status"] != "running"),
+                        None)
         elif kind in ("kill-node", "pause-node"):
             node_id = ids.get(target)
             hit = next((("mesh", o["ts"]) for o in obs if o["obs"] == "mesh" and

@@ -77,6 +77,7 @@ class _Child:
     pending_restart: bool = False
     start_task: asyncio.Task | None = None
     migrations: int = 0  # planned moves (drain, rebalance): not restarts, not failures
+    exited_at: float | None = None  # wall time this supervisor learned of its last death
 
     def info(self) -> dict[str, Any]:
         # "starting" is internal: to users a child not yet up is "restarting".
@@ -87,7 +88,7 @@ class _Child:
             "incarnation": self.incarnation, "last_failure": self.last_failure,
             "started_at": self.started_at, "is_supervisor": self.spec.is_supervisor,
             "dynamic": self.dynamic, "restart": self.spec.restart,
-            "migrations": self.migrations,
+            "migrations": self.migrations, "exited_at": self.exited_at,
         }
 
 
@@ -354,6 +355,7 @@ class SupervisorActor:
             return
         child.handle = None
         child.watch_task = None
+        child.exited_at = time.time()
         if node_died and child.node_id:
             self._down_nodes.setdefault(child.node_id, time.time())
         if kind == ABNORMAL:

@@ -61,6 +61,7 @@ class ChildInfo:
     dynamic: bool = False
     restart: str = "permanent"
     migrations: int = 0  # planned moves off a node (drain / rebalance); not restarts
+    exited_at: float | None = None  # when its supervisor learned of its last death
 
 
 class TreeError(RuntimeError):
