@@ -35,7 +35,9 @@ console = Console()
 INSTRUMENT = "BTC-PERPETUAL"
 
 
-def _wait(fn: Any, timeout_s: float, what: str) -> Any:
+def _wait(fn: Any, timeout_s: float, what: str, poll_s: float = 0.01) -> Any:
+    """``fn()`` until it is truthy (errors count as not yet); RuntimeError after
+    ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     last: Any = None
     while time.monotonic() < deadline:
@@ -45,7 +47,7 @@ def _wait(fn: Any, timeout_s: float, what: str) -> Any:
                 return last
         except Exception as exc:  # noqa: BLE001 - keep polling while it recovers
             last = exc
-        time.sleep(0.01)
+        time.sleep(poll_s)
     raise RuntimeError(f"demo: timed out waiting for {what} (last: {last!r})")
 
 

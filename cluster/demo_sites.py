@@ -34,6 +34,8 @@ from typing import Any
 
 import psutil
 
+from cluster.demo import _wait
+
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "cluster" / "deploy" / "demo.yaml"
 SCENARIO = REPO / "cluster" / "chaos" / "scenarios" / "demo.yaml"
@@ -211,18 +213,8 @@ def _quiesce(sites: Any, dep: Any) -> None:
                 return all(abs(booked.get(k, 0.0) - v) < 1e-9 for k, v in held.items()) and \
                     all(k in held for k in booked)
 
-            with contextlib.suppress(TimeoutError):
-                _wait(settled, 20.0, f"{name}'s risk book = its connector")
-
-
-def _wait(fn: Any, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with contextlib.suppress(Exception):
-            if (got := fn()):
-                return got
-        time.sleep(0.5)
-    raise TimeoutError(f"demo: {what} not within {timeout_s:g} s")
+            with contextlib.suppress(RuntimeError):  # compared anyway: the checker says
+                _wait(settled, 20.0, f"{name}'s risk book = its connector", poll_s=0.5)
 
 
 def _leftovers(work: Path) -> list[psutil.Process]:
