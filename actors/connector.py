@@ -752,9 +752,10 @@ class VenueConnector(EventSourced):
         namespace = current_context().namespace if current_context() else None
         while self.machine.state != "STOPPED":
             await asyncio.sleep(self.publish_interval_s)
-            self._metrics.export(self.machine.state, len(self.ledger.fills),
-                                 len(self.ledger.unresolved()), self.ledger.position,
-                                 self.role.status(time.monotonic()))  # at most 1/s
+            if self._metrics.throttle.due():  # at most 1/s: the arguments cost a ledger scan
+                self._metrics.export(self.machine.state, len(self.ledger.fills),
+                                     len(self.ledger.unresolved()), self.ledger.position,
+                                     self.role.status(time.monotonic()), force=True)
             new_fills = [_deribit_trade(f) for f in self._undelivered]
             self._undelivered = []
             if not self.subscribers:
